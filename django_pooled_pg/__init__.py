@@ -1,0 +1,9 @@
+"""django-pooled-pg: Django's PostgreSQL backend with a process-wide psycopg pool.
+
+Use it with ``DATABASES = {"default": {"ENGINE": "django_pooled_pg", ...}}``.
+"""
+
+from .errors import PoolExhausted
+
+__all__ = ["PoolExhausted"]
+__version__ = "0.1.0"

@@ -1,0 +1,222 @@
+"""The pooled PostgreSQL backend: Django's own, with checkout instead of connect."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLDatabaseWrapper
+from django.db.backends.postgresql.psycopg_any import IsolationLevel
+from django.db.utils import DatabaseErrorWrapper
+from django.utils.asyncio import async_unsafe
+from psycopg_pool import ConnectionPool
+
+from django.core import checks
+
+from . import pool as pools
+from .checks import check_pool_options
+from .creation import DatabaseCreation
+from .errors import PoolExhausted
+from .options import DEFAULT_CONNECT_TIMEOUT, OptionError, PoolOptions, parse, psycopg_pool_kwargs
+from .pool import DjangoPool, PooledConnection
+
+PERSISTENT_CONNECTIONS_MESSAGE = (
+    "Pooling doesn't support persistent connections. Set CONN_MAX_AGE to 0 "
+    "(the default): a pooled connection goes back to the pool at the end of "
+    "each request and stays open there. To bound a connection's age, set "
+    "OPTIONS['pool']['max_lifetime'] (seconds) instead."
+)
+
+
+checks.register(check_pool_options)
+
+
+class _ErrorWrapper(DatabaseErrorWrapper):
+    """Django's error wrapper, letting PoolExhausted through as itself.
+
+    Django re-raises every psycopg error as a new plain Django exception;
+    PoolExhausted already is a ``django.db.OperationalError`` and carries the
+    pool's state, which the copy would lose.
+    """
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, PoolExhausted):
+            self.wrapper.errors_occurred = True
+            return
+        super().__exit__(exc_type, exc_value, traceback)
+
+
+def _libpq_options_escape(value: str) -> str:
+    # In libpq's "options", backslash escapes a space or a backslash.
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+class DatabaseWrapper(PostgreSQLDatabaseWrapper):
+    creation_class = DatabaseCreation
+
+    def __init__(self, settings_dict: dict[str, Any], alias: str = "default") -> None:
+        options = settings_dict.setdefault("OPTIONS", {})
+        # Choosing the engine turns pooling on. Writing it into OPTIONS makes
+        # every part of Django that reads OPTIONS["pool"] (feature flags,
+        # test skips) see what the engine really does.
+        if "pool" not in options or options["pool"] == {}:
+            options["pool"] = True
+        super().__init__(settings_dict, alias)
+        self._dpp_generation = 0
+
+    @property
+    def wrap_database_errors(self) -> DatabaseErrorWrapper:  # type: ignore[override]
+        return _ErrorWrapper(self)
+
+    # -- which pool --------------------------------------------------------
+
+    @property
+    def pooled(self) -> bool:
+        """Whether this connection checks out from a pool (False: connect/close)."""
+        return self.alias != NO_DB_ALIAS and self.settings_dict["OPTIONS"].get("pool") is not False
+
+    @property
+    def pool(self) -> DjangoPool | None:  # type: ignore[override]
+        """This alias's pool for the current settings, created on first use.
+
+        One per alias and connection parameters per process; a changed NAME,
+        TIME_ZONE or option gives a new pool, never the old one.
+        """
+        if not self.pooled:
+            return None
+        return pools.get_pool(self._pool_key(), self.alias, self._create_pool)
+
+    def _pool_key(self) -> tuple[Any, ...]:
+        s = self.settings_dict
+        password = s["PASSWORD"]
+        return (
+            self.alias,
+            s["NAME"],
+            s["USER"],
+            id(password) if callable(password) else password,
+            s["HOST"],
+            s["PORT"],
+            repr(sorted(s["OPTIONS"].items(), key=lambda kv: kv[0])),
+            self.timezone_name,
+            settings.USE_TZ,
+        )
+
+    def pool_options(self) -> PoolOptions:
+        """The validated pool options; ImproperlyConfigured names a bad one."""
+        try:
+            return parse(self.alias, self.settings_dict["OPTIONS"].get("pool"))
+        except OptionError as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+
+    def _create_pool(self) -> DjangoPool:
+        if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
+            raise ImproperlyConfigured(PERSISTENT_CONNECTIONS_MESSAGE)
+        opts = self.pool_options()
+        params = self.get_connection_params()
+        params["autocommit"] = True  # Django sets its own at checkout
+        params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+        # Time zone and role as session defaults, from the startup packet:
+        # they cost no statement, and DISCARD ALL restores them.
+        startup = [f"-c TimeZone={_libpq_options_escape(self.timezone_name)}"]
+        if role := self.settings_dict["OPTIONS"].get("assume_role"):
+            startup.append(f"-c role={_libpq_options_escape(role)}")
+        params["options"] = " ".join(filter(None, [params.get("options"), *startup]))
+
+        password = self.settings_dict["PASSWORD"]
+        provider = opts.password_provider or (password if callable(password) else None)
+        kwargs: dict[str, Any] | Any
+        if provider is not None:
+            params.pop("password", None)
+
+            def kwargs() -> dict[str, Any]:
+                return {**params, "password": provider()}
+        else:
+            kwargs = params
+
+        if opts.check_given:
+            check = opts.check
+        elif self.settings_dict["CONN_HEALTH_CHECKS"]:
+            check = ConnectionPool.check_connection
+        else:
+            check = None
+        s = self.settings_dict
+        return DjangoPool(
+            alias=self.alias,
+            options=opts,
+            kwargs=kwargs,
+            check=check,
+            database=(s["HOST"], str(s["PORT"]), s["NAME"]),
+            **psycopg_pool_kwargs(opts),
+        )
+
+    def close_pool(self) -> None:
+        """Close this alias's pools in this process; never creates one."""
+        if self.connection is not None and isinstance(self.connection, PooledConnection):
+            self.close()
+        pools.close_pools(lambda p: p.alias == self.alias)
+
+    # -- connect and close ---------------------------------------------------
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()
+        password = params.get("password")
+        if callable(password):
+            params["password"] = password()
+        return params
+
+    @async_unsafe
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        pool = self.pool
+        if pool is None:
+            return super().get_new_connection(conn_params)
+        pool.open()
+        conn = pool.getconn()
+        conn._dpp_owner = weakref.ref(self)
+        self._dpp_generation = conn._dpp_generation
+        try:
+            level = self.settings_dict["OPTIONS"]["isolation_level"]
+        except KeyError:
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+        else:
+            try:
+                self.isolation_level = IsolationLevel(level)
+            except ValueError:
+                pools.release(conn, self._dpp_generation)
+                raise ImproperlyConfigured(
+                    f"Invalid transaction isolation level {level} specified. "
+                    "Use one of the psycopg.IsolationLevel values."
+                ) from None
+            conn.isolation_level = self.isolation_level
+        return conn
+
+    def init_connection_state(self) -> None:
+        if isinstance(self.connection, PooledConnection):
+            # The version check only: time zone and role came with the
+            # connection (see _create_pool).
+            BaseDatabaseWrapper.init_connection_state(self)
+        else:
+            super().init_connection_state()
+
+    def _close(self) -> None:
+        conn = self.connection
+        if not isinstance(conn, PooledConnection):
+            return super()._close()  # type: ignore[no-any-return]
+        self.connection = None
+        with self.wrap_database_errors:
+            pools.release(conn, self._dpp_generation)
+
+    def close_if_health_check_failed(self) -> None:
+        if self.pooled:
+            return  # the pool checks at every checkout
+        super().close_if_health_check_failed()
+
+    def ensure_timezone(self) -> bool:
+        # The time zone is part of the pool's key: the next checkout uses a
+        # pool for the new one. The connection in hand is switched now.
+        if self.connection is None:
+            return False
+        return bool(self._configure_timezone(self.connection))
+

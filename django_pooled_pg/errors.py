@@ -1,0 +1,33 @@
+"""Exceptions the engine raises to applications."""
+
+from __future__ import annotations
+
+from django.db.utils import OperationalError as DjangoOperationalError
+from psycopg_pool import PoolTimeout
+
+
+class PoolExhausted(PoolTimeout, DjangoOperationalError):
+    """No connection could be had from the pool in time, or its queue is full.
+
+    It is a ``psycopg_pool.PoolTimeout`` (what Django's own pool raises and its
+    tests expect) and a ``django.db.OperationalError`` (what applications
+    catch). The engine lets it through Django's error wrapper unchanged, so
+    code receives this class itself, also through the ORM.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        alias: str = "",
+        max_size: int = 0,
+        in_use: int = 0,
+        waiting: int = 0,
+        waited: float = 0.0,
+    ) -> None:
+        super().__init__(message)
+        self.alias = alias
+        self.max_size = max_size
+        self.in_use = in_use
+        self.waiting = waiting
+        self.waited = waited

@@ -1,0 +1,515 @@
+"""The process-wide pools and the life of a pooled connection.
+
+A pooled connection goes round one loop:
+
+* checkout (``DjangoPool.getconn``): the session reset sent at the previous
+  return is collected, the socket is polled to catch a backend the server
+  closed while the connection sat idle, and the connection is leased to the
+  calling thread;
+* return (``putconn``): an open transaction is rolled back, the psycopg
+  connection's own settings are restored, and ``DISCARD ALL`` is *sent*
+  without waiting for its answer, so the reset costs the request no round
+  trip.
+
+Around that loop: a thread that ends while holding a lease gives it back
+(``_ThreadLeases``), a forked child never touches what it inherited
+(``_after_fork_in_child``), and pools close at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import select
+import threading
+import weakref
+from collections.abc import Callable, Hashable
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import pq
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool.pool import MaintenanceTask
+
+from .errors import PoolExhausted
+from .options import PoolOptions
+
+if TYPE_CHECKING:
+    from .base import DatabaseWrapper
+
+logger = logging.getLogger("django_pooled_pg")
+
+_IDLE = pq.TransactionStatus.IDLE
+_INTRANS = pq.TransactionStatus.INTRANS
+_INERROR = pq.TransactionStatus.INERROR
+_UNKNOWN = pq.TransactionStatus.UNKNOWN
+_CONN_OK = pq.ConnStatus.OK
+_DISCARD_ALL = b"DISCARD ALL"
+
+
+class PooledConnection(psycopg.Connection[Any]):
+    """A psycopg connection that knows its place in the loop above."""
+
+    # Set by the pool; class defaults keep a fresh connection consistent.
+    _dpp_reset_pending: bool = False
+    _dpp_generation: int = 0  # bumped at every checkout and return
+    _dpp_leases: set[PooledConnection] | None = None  # the holding thread's
+    _dpp_owner: weakref.ref[DatabaseWrapper] | None = None
+    _dpp_pool: DjangoPool | None = None
+
+
+class DjangoPool(ConnectionPool[PooledConnection]):
+    """psycopg_pool's ConnectionPool, shaped for a Django alias.
+
+    Differences from the base class, each for a reason stated where it lives:
+    a checkout never sleeps after finding a dead connection, it raises
+    ``PoolExhausted`` naming the alias and the pool's state, and returned
+    connections are reset without a round trip.
+    """
+
+    def __init__(
+        self,
+        *,
+        alias: str,
+        options: PoolOptions,
+        kwargs: dict[str, Any] | Callable[[], dict[str, Any]],
+        check: Callable[[Any], object] | None,
+        database: tuple[str, str, str],
+        **pool_kwargs: Any,
+    ) -> None:
+        self.alias = alias
+        self.database = database  # (host, port, dbname), to find pools by database
+        self.reset_session = options.reset_session
+        self._user_configure = options.configure
+        self._pid = os.getpid()
+        self._leased: set[PooledConnection] = set()
+        super().__init__(
+            kwargs=kwargs,
+            connection_class=PooledConnection,
+            open=False,
+            name=options.name or alias,
+            check=check,
+            configure=self._configure_new if options.configure else None,
+            reset=options.reset,
+            **pool_kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} alias={self.alias!r} at 0x{id(self):x}>"
+
+    # -- checkout ----------------------------------------------------------
+
+    def getconn(self, timeout: float | None = None) -> PooledConnection:
+        """Check out a clean, live connection or raise ``PoolExhausted``.
+
+        Unlike the base class, a connection found dead is replaced at once:
+        detecting it cost no round trip, so there is nothing to back off from.
+        """
+        if timeout is None:
+            timeout = self.timeout
+        t0 = monotonic()
+        deadline = t0 + timeout
+        self._stats[self._REQUESTS_NUM] += 1
+        self._check_open_getconn()
+        while True:
+            try:
+                conn = self._getconn_unchecked(deadline - monotonic())
+            except PoolTimeout:
+                raise self._exhausted(f"no connection was free after {monotonic() - t0:.2f} s", t0) from None
+            except TooManyRequests:
+                raise self._exhausted(
+                    f"the queue is full (max_waiting={self.max_waiting})", t0
+                ) from None
+            try:
+                self._check_connection(conn)
+            except Exception as exc:
+                logger.info("pool %r: discarding a connection at checkout: %s", self.name, exc)
+                conn.close()
+                self._putconn(conn, from_getconn=True)
+                continue
+            except BaseException:
+                self._putconn(conn, from_getconn=True)
+                raise
+            self._lease(conn)
+            return conn
+
+    def _exhausted(self, why: str, t0: float) -> PoolExhausted:
+        waited = monotonic() - t0
+        waiting = sum(1 for w in list(self._waiting) if w.conn is None and w.error is None)
+        in_use = len(self._leased)
+        return PoolExhausted(
+            f"Connection pool for database alias {self.alias!r} exhausted: {why} "
+            f"(max_size={self.max_size}, in use={in_use}, waiting={waiting}, "
+            f"waited {waited:.2f} s). Return connections sooner, raise max_size, "
+            "or raise timeout.",
+            alias=self.alias,
+            max_size=self.max_size,
+            in_use=in_use,
+            waiting=waiting,
+            waited=waited,
+        )
+
+    def _check_connection(self, conn: PooledConnection) -> None:
+        # Runs for every checkout, before psycopg_pool's own check: finish
+        # the reset sent at return, then make sure the server did not close
+        # the session while it was idle.
+        if conn._dpp_reset_pending:
+            self._finish_reset(conn)
+        if not _socket_alive(conn.pgconn):
+            raise psycopg.OperationalError("the server closed the connection while it was idle")
+        super()._check_connection(conn)
+
+    def _lease(self, conn: PooledConnection) -> None:
+        conn._dpp_generation += 1
+        conn._dpp_pool = self
+        self._leased.add(conn)
+        leases = _thread_leases()
+        leases.add(conn)
+        conn._dpp_leases = leases
+
+    # -- return ------------------------------------------------------------
+
+    def putconn(self, conn: PooledConnection) -> None:
+        self._unlease(conn)
+        super().putconn(conn)
+
+    def _unlease(self, conn: PooledConnection) -> None:
+        conn._dpp_generation += 1
+        self._leased.discard(conn)
+        if (leases := conn._dpp_leases) is not None:
+            leases.discard(conn)
+            conn._dpp_leases = None
+        conn._dpp_owner = None
+
+    def _reset_connection(self, conn: PooledConnection) -> None:
+        """Roll back, restore the connection object, send the session reset.
+
+        Replaces the base class's version, which logs a warning for what
+        Django does routinely (returning a connection with autocommit off).
+        """
+        pgconn = conn.pgconn
+        status = pgconn.transaction_status
+        if status == _UNKNOWN:
+            return
+        try:
+            if status in (_INTRANS, _INERROR):
+                logger.debug("pool %r: rolling back a returned connection", self.name)
+                conn.rollback()  # psycopg forgets its prepared statements too
+            elif status != _IDLE:  # ACTIVE: returned in the middle of a query
+                raise psycopg.OperationalError("connection returned while a query was running")
+            if self._reset is not None:
+                self._reset(conn)
+            # What a request changed on the psycopg object itself (these
+            # are client-side: no I/O).
+            if not conn.autocommit:
+                conn.autocommit = True
+            if conn.read_only is not None:
+                conn.read_only = None
+            if conn.deferrable is not None:
+                conn.deferrable = None
+            if conn.isolation_level is not None:
+                conn.isolation_level = None
+            if pgconn.transaction_status != _IDLE:
+                raise psycopg.ProgrammingError("reset left the connection in a transaction")
+            if self.reset_session:
+                # Sent now, collected at the next checkout: the answer
+                # arrives while the connection waits in the pool.
+                pgconn.send_query(_DISCARD_ALL)
+                conn._dpp_reset_pending = True
+        except Exception as exc:
+            logger.info("pool %r: discarding a returned connection: %s", self.name, exc)
+            self._close_connection(conn)
+
+    def _finish_reset(self, conn: PooledConnection) -> None:
+        conn._dpp_reset_pending = False
+        pgconn = conn.pgconn
+        fd = pgconn.socket
+        poller = None
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            poller.poll(1000 * max(self.timeout, 1.0))
+        error = None
+        while (res := pgconn.get_result()) is not None:
+            if res.status != pq.ExecStatus.COMMAND_OK:
+                error = res.get_error_message()
+        if error is not None:
+            raise psycopg.OperationalError(f"session reset failed: {error}")
+        _forget_prepared_statements(conn)
+        if self._user_configure is not None:
+            self._configure_new(conn)
+
+    def _configure_new(self, conn: PooledConnection) -> None:
+        # The user's configure; Django's time zone and role travel in the
+        # startup packet's options instead, so DISCARD ALL keeps them and no
+        # callback needs the Django wrapper (whose use here deadlocks Django's
+        # own pool, see DJANGO-NOTES: assume_role).
+        assert self._user_configure is not None
+        self._user_configure(conn)
+        if conn.pgconn.transaction_status != _IDLE:
+            conn.rollback()
+            raise psycopg.ProgrammingError(
+                f"configure {self._user_configure!r} left the connection in a transaction"
+            )
+
+    # -- pool-wide operations ---------------------------------------------
+
+    def check(self) -> None:
+        """As psycopg_pool's, after collecting resets pending on idle connections."""
+        with self._lock:
+            conns = list(self._pool)
+        for conn in conns:
+            if conn._dpp_reset_pending:
+                try:
+                    self._finish_reset(conn)
+                except Exception:
+                    conn.close()
+        super().check()
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._pid != os.getpid():
+            # Inherited through fork: the parent owns its sockets and threads.
+            self._disown()
+            return
+        super().close(timeout)
+
+    def _disown(self) -> None:
+        """Forget an inherited pool without I/O, locks or threads."""
+        self._closed = True  # also keeps __del__ from signalling dead workers
+        conns = list(self._pool) + list(self._leased)
+        for w in list(self._waiting):
+            if w.conn is not None:
+                conns.append(w.conn)
+        for conn in conns:
+            _neutralize(conn)
+            conn._dpp_pool = None
+            owner = conn._dpp_owner() if conn._dpp_owner is not None else None
+            if owner is not None and owner.connection is conn:
+                # The forking thread's Django wrapper: connect afresh.
+                owner.connection = None
+        self._leased.clear()
+
+
+def _socket_alive(pgconn: pq.abc.PGconn) -> bool:
+    """True unless the server closed the session: no round trip.
+
+    An idle connection's socket has nothing to read; a backend that was
+    terminated left its FATAL message and EOF there.
+    """
+    if pgconn.status != _CONN_OK:
+        return False
+    try:
+        fd = pgconn.socket
+    except psycopg.OperationalError:
+        return False
+    readable, _, _ = select.select([fd], [], [], 0)
+    if readable:
+        try:
+            pgconn.consume_input()
+        except psycopg.OperationalError:
+            return False
+        if pgconn.status != _CONN_OK:
+            return False
+        # A NOTICE or ParameterStatus arrived while idle: harmless. A FATAL
+        # whose EOF is still on its way: look once more.
+        readable, _, _ = select.select([fd], [], [], 0)
+        if readable:
+            try:
+                pgconn.consume_input()
+            except psycopg.OperationalError:
+                return False
+    return pgconn.status == _CONN_OK
+
+
+def _forget_prepared_statements(conn: psycopg.Connection[Any]) -> None:
+    """DISCARD ALL dropped the server's prepared statements: tell psycopg.
+
+    psycopg clears its cache only when DISCARD ALL goes through its own
+    execute(); ours went through the low-level connection. Emptying the
+    cache (without queueing a DEALLOCATE) keeps the two in agreement.
+    """
+    prepared = conn._prepared
+    prepared._names.clear()
+    prepared._counts.clear()
+    prepared._to_flush.clear()
+
+
+_devnull_fd: int | None = None
+
+
+def _neutralize(conn: psycopg.Connection[Any]) -> None:
+    """Point an inherited connection's socket at /dev/null.
+
+    Whatever happens to the object afterwards (close, garbage collection,
+    TLS shutdown), its bytes go nowhere and the parent's session is intact.
+    """
+    global _devnull_fd
+    try:
+        fd = conn.pgconn.socket
+    except Exception:
+        return  # already closed
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDWR)
+    os.dup2(_devnull_fd, fd)
+
+
+# -- leases held by threads ------------------------------------------------
+
+
+class _ThreadLeases(threading.local):
+    leases: set[PooledConnection] | None = None
+
+
+_thread_local = _ThreadLeases()
+
+
+class _LeaseHolder:
+    """Lives only in one thread's locals: freed when that thread ends."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _thread_leases() -> set[PooledConnection]:
+    leases = _thread_local.leases
+    if leases is None:
+        leases = set()
+        holder = _LeaseHolder()
+        # CPython frees a thread's locals as the thread ends, at once and
+        # without the garbage collector; Django's wrappers, which sit in
+        # reference cycles, would wait for a collection that may not come.
+        finalizer = weakref.finalize(holder, _thread_ended, leases, os.getpid())
+        finalizer.atexit = False
+        _thread_local.leases = leases
+        _thread_local.holder = holder  # type: ignore[attr-defined]
+    return leases
+
+
+def _thread_ended(leases: set[PooledConnection], pid: int) -> None:
+    if pid != os.getpid():
+        return  # a forked child clearing its parent's thread states
+    for conn in list(leases):
+        pool = conn._dpp_pool
+        if pool is not None and not pool.closed:
+            try:
+                pool.run_task(_ReclaimConnection(pool, conn, conn._dpp_generation))
+            except Exception:  # interpreter shutting down
+                pass
+
+
+class _ReclaimConnection(MaintenanceTask):
+    """Return a connection whose thread ended without closing it."""
+
+    def __init__(self, pool: DjangoPool, conn: PooledConnection, generation: int):
+        super().__init__(pool)
+        self.conn = conn
+        self.generation = generation
+
+    def _run(self, pool: ConnectionPool[Any]) -> None:
+        assert isinstance(pool, DjangoPool)
+        conn = self.conn
+        if conn._dpp_generation != self.generation or conn not in pool._leased:
+            return  # returned meanwhile
+        owner = conn._dpp_owner() if conn._dpp_owner is not None else None
+        if owner is not None:
+            if owner.allow_thread_sharing:
+                return  # another thread was lent this connection
+            if owner.connection is conn:
+                owner.connection = None
+        logger.warning(
+            "pool %r: a thread ended without closing its connection; it is back in the pool",
+            pool.name,
+        )
+        pool.putconn(conn)
+
+
+# -- the registry of this process's pools ---------------------------------
+
+_pools: dict[Hashable, DjangoPool] = {}
+_pools_pid = os.getpid()
+_pools_lock = threading.Lock()
+
+
+def get_pool(key: Hashable, alias: str, create: Callable[[], DjangoPool]) -> DjangoPool:
+    """The pool for *key*, created on first use in this process.
+
+    A pool made for other settings of the same alias (the test runner renamed
+    the database, a test changed TIME_ZONE) is closed: nothing checks out
+    from it any more.
+    """
+    if _pools_pid != os.getpid():
+        _after_fork_in_child()
+    pool = _pools.get(key)
+    if pool is not None:
+        return pool
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = create()
+            stale = [k for k, p in _pools.items() if p.alias == alias]
+            _pools[key] = pool
+            for k in stale:
+                _pools.pop(k).close()
+    return pool
+
+
+def pools(alias: str | None = None) -> list[DjangoPool]:
+    """This process's pools (of one alias), without creating any."""
+    if _pools_pid != os.getpid():
+        _after_fork_in_child()
+    return [p for p in list(_pools.values()) if alias is None or p.alias == alias]
+
+
+def close_pools(predicate: Callable[[DjangoPool], bool]) -> None:
+    """Close and forget every pool of this process matching *predicate*."""
+    with _pools_lock:
+        doomed = [k for k, p in _pools.items() if predicate(p)]
+        closing = [_pools.pop(k) for k in doomed]
+    for pool in closing:
+        pool.close()
+
+
+def release(conn: PooledConnection, generation: int) -> None:
+    """Give a connection back to the pool it came from (Django's close)."""
+    pool = conn._dpp_pool
+    if pool is None or conn._dpp_generation != generation:
+        return  # already given back (its thread ended, or the pool was forked)
+    if pool._pid != os.getpid():
+        # Forked without os.register_at_fork running (a C-level fork).
+        _neutralize(conn)
+        conn.close()
+        return
+    pool.putconn(conn)
+
+
+def _after_fork_in_child() -> None:
+    global _pools_pid, _pools_lock
+    _pools_lock = threading.Lock()  # the parent may have held it
+    inherited = list(_pools.values())
+    _pools.clear()
+    _pools_pid = os.getpid()
+    for pool in inherited:
+        pool._disown()
+    _inherited.extend(inherited)
+
+
+# Inherited pools stay referenced: their objects are never finalized in the child.
+_inherited: list[DjangoPool] = []
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    if _pools_pid != os.getpid():
+        return
+    for pool in pools():
+        try:
+            pool.close(timeout=1.0)
+        except Exception:  # pragma: no cover - best effort at exit
+            logger.debug("pool %r: error closing at exit", pool.name, exc_info=True)

@@ -1,0 +1,40 @@
+"""Settings of the test project: the pooled engine on a real PostgreSQL.
+
+The server comes from DATABASE_URL or the PG* variables; with neither, a
+throwaway cluster is started for this process (see throwaway_pg).
+"""
+
+import os
+
+import throwaway_pg
+
+SECRET_KEY = "testproject-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "testproject.urls"
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "demoapp",
+]
+MIDDLEWARE: list[str] = []
+
+_db = throwaway_pg.database_settings()
+DATABASES = {
+    "default": {
+        "ENGINE": "django_pooled_pg",
+        **_db,
+        "OPTIONS": {"pool": {"max_size": int(os.environ.get("POOL_MAX_SIZE", "4"))}},
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"django_pooled_pg": {"handlers": ["console"], "level": "WARNING"}},
+}

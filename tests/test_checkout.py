@@ -1,0 +1,151 @@
+"""Checkout and return: one pool per alias and settings, shared by threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connection, transaction
+from django.db.backends.signals import connection_created
+from psycopg_pool import ConnectionPool
+
+from django_pooled_pg.pool import DjangoPool
+from tests.conftest import Make
+from tests.helpers import run_in_thread, wsgi_get
+
+
+def backend_pid(wrapper) -> int:
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def test_engine_pools_without_any_pool_option(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool=True)
+    assert isinstance(wrapper.pool, ConnectionPool)
+    assert isinstance(wrapper.pool, DjangoPool)
+    # What Django reads to decide whether a connection is pooled.
+    assert connection.settings_dict["OPTIONS"]["pool"]
+
+
+def test_returned_connection_is_reused(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1})
+    first = backend_pid(wrapper)
+    wrapper.close()
+    assert wrapper.connection is None
+    assert backend_pid(wrapper) == first
+    stats = wrapper.pool.get_stats()
+    assert stats["connections_num"] == 1
+
+
+def test_max_size_alone_works(make_wrapper: Make) -> None:
+    for size in (1, 2):
+        wrapper = make_wrapper(pool={"max_size": size})
+        backend_pid(wrapper)
+        assert wrapper.pool.max_size == size
+        assert wrapper.pool.min_size <= size
+
+
+def test_copy_shares_the_pool(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 2})
+    twin = wrapper.copy()
+    assert twin.pool is wrapper.pool
+    backend_pid(wrapper)
+    backend_pid(twin)
+    assert wrapper.connection is not twin.connection
+    twin.close()
+
+
+def test_threads_share_one_pool(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 3})
+    pools = set()
+    pids = set()
+    barrier = threading.Barrier(3)
+
+    def work() -> None:
+        twin = wrapper.copy()  # what each thread's connections[alias] is
+        pids.add(backend_pid(twin))
+        pools.add(id(twin.pool))
+        barrier.wait(10)  # all three hold a connection at once
+        twin.close()
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(pools) == 1
+    assert len(pids) == 3
+    assert wrapper.pool.get_stats()["pool_size"] == 3
+    assert len(wrapper.pool._leased) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_atomic_block_keeps_its_connection() -> None:
+    seen = set()
+    with transaction.atomic():
+        for _ in range(3):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid(), txid_current()")
+                seen.add(cursor.fetchone())
+            # Other threads check out and return meanwhile.
+            run_in_thread(lambda: wsgi_get("/ping/"))
+    assert len(seen) == 1  # one connection, one transaction
+
+
+@pytest.mark.django_db(transaction=True)
+def test_request_returns_connection_to_pool() -> None:
+    pool = connection.pool
+    pids = {wsgi_get("/ping/")["backend_pid"] for _ in range(5)}
+    # Returned at the end of each request (close_old_connections), reused.
+    assert connection.connection is None
+    assert len(pool._leased) == 0
+    assert len(pids) <= pool.max_size
+
+
+def test_new_settings_give_a_new_pool(make_wrapper: Make, admin) -> None:
+    admin.execute("DROP DATABASE IF EXISTS pooled_other")
+    admin.execute("CREATE DATABASE pooled_other")
+    try:
+        wrapper = make_wrapper(pool={"max_size": 2})
+        old_pool = wrapper.pool
+        backend_pid(wrapper)
+        wrapper.close()
+        wrapper.settings_dict["NAME"] = "pooled_other"  # as the test runner does
+        with wrapper.cursor() as cursor:
+            cursor.execute("SELECT current_database()")
+            assert cursor.fetchone()[0] == "pooled_other"
+        assert wrapper.pool is not old_pool
+        assert old_pool.closed
+        wrapper.close()
+        wrapper.close_pool()
+    finally:
+        admin.execute("DROP DATABASE IF EXISTS pooled_other WITH (FORCE)")
+
+
+def test_connection_created_is_sent_on_every_checkout(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1})
+    seen = []
+
+    def receiver(sender, connection, **kwargs):
+        if connection is wrapper:
+            seen.append(connection.connection.info.backend_pid)
+
+    connection_created.connect(receiver)
+    try:
+        for _ in range(3):
+            backend_pid(wrapper)
+            wrapper.close()
+    finally:
+        connection_created.disconnect(receiver)
+    assert len(seen) == 3
+    assert len(set(seen)) == 1  # the same physical connection each time
+
+
+def test_pool_is_created_lazily(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"max_size": 2})
+    pool = wrapper.pool
+    assert not pool._opened  # nothing opened until a connection is needed
+    run_in_thread(lambda: None)
+    backend_pid(wrapper)
+    assert pool._opened
