@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import pq
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import MaintenanceTask
 
 from .errors import PoolExhausted
@@ -258,6 +259,15 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 f"configure {self._user_configure!r} left the connection in a transaction"
             )
 
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        # psycopg_pool retries a failed connect after 1 s, then doubles the
+        # wait up to reconnect_timeout: after a minute-long outage the pool
+        # could stay empty a minute after the server is back. Retry sooner
+        # and never wait more than RECONNECT_DELAY_MAX between attempts.
+        if attempt is None:
+            attempt = _ReconnectAttempt(timeout=self.reconnect_timeout)
+        super()._add_connection(attempt, growing)
+
     # -- pool-wide operations ---------------------------------------------
 
     def check(self) -> None:
@@ -294,6 +304,19 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 # The forking thread's Django wrapper: connect afresh.
                 owner.connection = None
         self._leased.clear()
+
+
+#: Longest wait between two attempts to open a connection to a server that
+#: refused the last one (seconds): a bounded rate, a quick recovery.
+RECONNECT_DELAY_MAX = 0.5
+
+
+class _ReconnectAttempt(AttemptWithBackoff):
+    INITIAL_DELAY = 0.05
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_DELAY_MAX)
 
 
 def _socket_alive(pgconn: pq.abc.PGconn) -> bool:

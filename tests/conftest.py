@@ -65,11 +65,16 @@ def admin(transactional_db: None) -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture
-def private_server() -> Iterator[throwaway_pg.ThrowawayServer]:
-    """A throwaway cluster of this test's own, to stop and restart at will."""
+def private_server(django_db_blocker: Any) -> Iterator[throwaway_pg.ThrowawayServer]:
+    """A throwaway cluster of this test's own, to stop and restart at will.
+
+    Its database ``private`` is not the test database, so access is allowed
+    without pytest-django's fixtures.
+    """
     server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
     server.init()
     server.start()
     server.createdb("private")
-    yield server
+    with django_db_blocker.unblock():
+        yield server
     server.destroy()

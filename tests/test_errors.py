@@ -1,0 +1,178 @@
+"""Errors: an exhausted pool says why, an outage fails in time and heals."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from django.db import OperationalError, connections
+from psycopg_pool import PoolTimeout
+
+from demoapp.models import Counter
+from django_pooled_pg import PoolExhausted
+from django_pooled_pg.base import DatabaseWrapper
+from tests.conftest import Make
+from tests.helpers import private_settings
+
+
+def hold(wrapper: DatabaseWrapper) -> None:
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def test_exhausted_pool_raises_one_class_naming_its_state(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "timeout": 0.3}, alias="tiny")
+    hold(wrapper)
+    other = wrapper.copy()
+    t0 = time.monotonic()
+    with pytest.raises(PoolExhausted) as info:
+        hold(other)
+    waited = time.monotonic() - t0
+    exc = info.value
+    assert type(exc) is PoolExhausted
+    assert isinstance(exc, PoolTimeout)  # what Django's pool raises
+    assert isinstance(exc, OperationalError)  # what applications catch
+    message = str(exc)
+    assert "'tiny'" in message
+    assert "max_size=1" in message
+    assert "in use=1" in message
+    assert "waiting=0" in message
+    assert 0.3 <= waited < 1.5
+    assert (exc.alias, exc.max_size, exc.in_use) == ("tiny", 1, 1)
+
+
+def test_exhausted_pool_message_counts_waiters(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "timeout": 0.5})
+    hold(wrapper)
+    pool = wrapper.pool
+    queued = threading.Event()
+    outcome: list[object] = []
+
+    def patient() -> None:
+        queued.set()
+        try:
+            conn = pool.getconn(timeout=5)
+        except Exception as exc:
+            outcome.append(exc)
+        else:
+            outcome.append("got it")
+            pool.putconn(conn)
+
+    t = threading.Thread(target=patient)
+    t.start()
+    queued.wait(5)
+    deadline = time.monotonic() + 5
+    while not pool._waiting and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with pytest.raises(PoolExhausted, match=r"waiting=1"):
+        hold(wrapper.copy())
+    wrapper.close()  # the patient one gets it now
+    t.join(10)
+    assert outcome == ["got it"]
+
+
+def test_orm_receives_pool_exhausted_itself(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "timeout": 0.2}, alias="orm_tiny")
+    hold(wrapper)
+    connections["orm_tiny"] = wrapper.copy()  # this thread's wrapper for the alias
+    try:
+        with pytest.raises(PoolExhausted) as info:
+            Counter.objects.using("orm_tiny").count()
+        assert type(info.value) is PoolExhausted
+    finally:
+        del connections["orm_tiny"]
+
+
+def test_full_queue_is_rejected_at_once(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "timeout": 5, "max_waiting": 1})
+    hold(wrapper)
+    pool = wrapper.pool
+    t = threading.Thread(target=lambda: pool.putconn(pool.getconn(timeout=5)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not pool._waiting and time.monotonic() < deadline:
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    with pytest.raises(PoolExhausted, match=r"queue is full \(max_waiting=1\)"):
+        hold(wrapper.copy())
+    assert time.monotonic() - t0 < 0.5
+    wrapper.close()
+    t.join(10)
+
+
+@pytest.fixture
+def deaf_listener() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_deaf_server_fails_within_timeout(make_wrapper: Make, deaf_listener: int) -> None:
+    wrapper = make_wrapper(
+        pool={"min_size": 0, "max_size": 1, "timeout": 1},
+        PORT=str(deaf_listener),
+        options={"connect_timeout": 2},
+    )
+    t0 = time.monotonic()
+    with pytest.raises(OperationalError):
+        hold(wrapper)
+    assert time.monotonic() - t0 < 1 + 2 + 0.5
+
+
+def test_deaf_server_attempt_ends_at_default_connect_timeout(make_wrapper: Make, deaf_listener: int) -> None:
+    """No connect_timeout in OPTIONS: the engine's default bounds the attempt."""
+    from django_pooled_pg.options import DEFAULT_CONNECT_TIMEOUT
+
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "timeout": 0.5}, PORT=str(deaf_listener))
+    with pytest.raises(PoolExhausted):
+        hold(wrapper)
+    pool = wrapper.pool
+    t0 = time.monotonic()
+    while pool.get_stats().get("connections_errors", 0) == 0 and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    # The pool's worker gave up on the silent server, it was not stuck for good.
+    assert pool.get_stats().get("connections_errors", 0) >= 1
+    assert time.monotonic() - t0 < DEFAULT_CONNECT_TIMEOUT + 1.5
+
+
+@pytest.mark.slow
+def test_outage_fails_in_time_and_pool_recovers(private_server) -> None:
+    wrapper = DatabaseWrapper(
+        private_settings(private_server, OPTIONS={"pool": {"min_size": 2, "max_size": 2, "timeout": 1.5}}),
+        "outage",
+    )
+    try:
+        hold(wrapper)
+        wrapper.close()
+        private_server.stop("fast")
+        for _ in range(3):
+            t0 = time.monotonic()
+            with pytest.raises(OperationalError):
+                hold(wrapper)
+            wrapper.close()
+            assert time.monotonic() - t0 < 1.5 + 0.5
+        private_server.start()
+        back = time.monotonic()
+        while True:
+            try:
+                hold(wrapper)
+                break
+            except OperationalError:
+                wrapper.close()
+                assert time.monotonic() - back < 10, "pool did not recover"
+        recovered = time.monotonic() - back
+        wrapper.close()
+        # No restart of the application; no failure afterwards either.
+        for _ in range(10):
+            hold(wrapper)
+            wrapper.close()
+        assert recovered < 2.0, recovered
+    finally:
+        wrapper.close()
+        wrapper.close_pool()
