@@ -6,6 +6,7 @@ import weakref
 from typing import Any
 
 from django.conf import settings
+from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLDatabaseWrapper
@@ -13,8 +14,6 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel
 from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
 from psycopg_pool import ConnectionPool
-
-from django.core import checks
 
 from . import pool as pools
 from .checks import check_pool_options
@@ -44,7 +43,7 @@ class _ErrorWrapper(DatabaseErrorWrapper):
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         if exc_type is not None and issubclass(exc_type, PoolExhausted):
-            self.wrapper.errors_occurred = True
+            self.wrapper.errors_occurred = True  # type: ignore[attr-defined]
             return
         super().__exit__(exc_type, exc_value, traceback)
 
@@ -172,24 +171,25 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         pool = self.pool
         if pool is None:
             return super().get_new_connection(conn_params)
+        # As Django: the isolation level is validated before connecting, and
+        # set on the connection object (client-side) at every checkout.
+        options = self.settings_dict["OPTIONS"]
+        level = IsolationLevel.READ_COMMITTED
+        if "isolation_level" in options:
+            try:
+                level = IsolationLevel(options["isolation_level"])
+            except ValueError:
+                raise ImproperlyConfigured(
+                    f"Invalid transaction isolation level {options['isolation_level']} "
+                    "specified. Use one of the psycopg.IsolationLevel values."
+                ) from None
+        self.isolation_level = level  # type: ignore[assignment]
         pool.open()
         conn = pool.getconn()
         conn._dpp_owner = weakref.ref(self)
         self._dpp_generation = conn._dpp_generation
-        try:
-            level = self.settings_dict["OPTIONS"]["isolation_level"]
-        except KeyError:
-            self.isolation_level = IsolationLevel.READ_COMMITTED
-        else:
-            try:
-                self.isolation_level = IsolationLevel(level)
-            except ValueError:
-                pools.release(conn, self._dpp_generation)
-                raise ImproperlyConfigured(
-                    f"Invalid transaction isolation level {level} specified. "
-                    "Use one of the psycopg.IsolationLevel values."
-                ) from None
-            conn.isolation_level = self.isolation_level
+        if "isolation_level" in options:
+            conn.isolation_level = level  # type: ignore[assignment]
         return conn
 
     def init_connection_state(self) -> None:
@@ -203,7 +203,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
     def _close(self) -> None:
         conn = self.connection
         if not isinstance(conn, PooledConnection):
-            return super()._close()  # type: ignore[no-any-return]
+            return super()._close()  # type: ignore[misc,no-any-return]
         self.connection = None
         with self.wrap_database_errors:
             pools.release(conn, self._dpp_generation)
@@ -218,5 +218,4 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         # pool for the new one. The connection in hand is switched now.
         if self.connection is None:
             return False
-        return bool(self._configure_timezone(self.connection))
-
+        return bool(self._configure_timezone(self.connection))  # type: ignore[attr-defined]

@@ -28,18 +28,20 @@ class DatabaseCreation(PostgreSQLDatabaseCreation):
             cs = conn.settings_dict
             if (cs["HOST"], str(cs["PORT"]), cs["NAME"]) in {(host, port, n) for n in names}:
                 conn.close()
-        pools.close_pools(lambda p: p.database[0] == host and p.database[1] == port and p.database[2] in names)
+        pools.close_pools(
+            lambda p: p.database[0] == host and p.database[1] == port and p.database[2] in names
+        )
 
     def _create_test_db(self, verbosity: int, autoclobber: bool, keepdb: bool = False) -> Any:
-        self._close_pooled_connections_to(self._get_test_db_name())
-        return super()._create_test_db(verbosity, autoclobber, keepdb)
+        self._close_pooled_connections_to(self._get_test_db_name())  # type: ignore[attr-defined]
+        return super()._create_test_db(verbosity, autoclobber, keepdb)  # type: ignore[misc]
 
     def _clone_test_db(self, suffix: Any, verbosity: int, keepdb: bool = False) -> None:
         source = self.connection.settings_dict["NAME"]
         target = self.get_test_db_clone_settings(suffix)["NAME"]
         self._close_pooled_connections_to(source, target)
-        super()._clone_test_db(suffix, verbosity, keepdb)
+        super()._clone_test_db(suffix, verbosity, keepdb)  # type: ignore[misc]
 
     def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
         self._close_pooled_connections_to(test_database_name)
-        super()._destroy_test_db(test_database_name, verbosity)
+        super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]

@@ -7,6 +7,7 @@ the configuration reference (``docs/configuration.md``) all read it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from collections.abc import Callable, Mapping
@@ -43,91 +44,134 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option(
-        "min_size", 1, "an integer >= 0 (and <= max_size)",
+        "min_size",
+        1,
+        "an integer >= 0 (and <= max_size)",
         "Connections kept open even when idle. One warm connection per process "
         "serves the first request after a quiet spell without a connect; "
         "psycopg_pool's default of 4 multiplies by every worker process.",
-        "int", minimum=0,
+        "int",
+        minimum=0,
     ),
     Option(
-        "max_size", 10, "an integer >= 1 (and >= min_size)",
+        "max_size",
+        10,
+        "an integer >= 1 (and >= min_size)",
         "Most connections this process opens for the alias. Multiply by the "
         "number of worker processes to stay under the server's max_connections.",
-        "int", minimum=1,
+        "int",
+        minimum=1,
     ),
     Option(
-        "timeout", 10.0, "a number of seconds > 0",
+        "timeout",
+        10.0,
+        "a number of seconds > 0",
         "How long a checkout waits for a free connection before raising "
         "PoolExhausted. Shorter than gunicorn's 30 s worker timeout, so a "
         "starved worker reports the cause instead of being killed.",
-        "number", minimum=0,
+        "number",
+        minimum=0,
     ),
     Option(
-        "max_waiting", 0, "an integer >= 0 (0: no limit)",
+        "max_waiting",
+        0,
+        "an integer >= 0 (0: no limit)",
         "Requests allowed to queue for a connection; one more is rejected at "
         "once with PoolExhausted.",
-        "int", minimum=0,
+        "int",
+        minimum=0,
     ),
     Option(
-        "max_lifetime", 3600.0, "a number of seconds > 0",
+        "max_lifetime",
+        3600.0,
+        "a number of seconds > 0",
         "A connection older than this is closed when returned and replaced. "
         "This is the pooled equivalent of CONN_MAX_AGE.",
-        "number", minimum=0,
+        "number",
+        minimum=0,
     ),
     Option(
-        "max_idle", 600.0, "a number of seconds > 0",
+        "max_idle",
+        600.0,
+        "a number of seconds > 0",
         "Connections above min_size unused for this long are closed.",
-        "number", minimum=0,
+        "number",
+        minimum=0,
     ),
     Option(
-        "reconnect_timeout", 300.0, "a number of seconds > 0",
+        "reconnect_timeout",
+        300.0,
+        "a number of seconds > 0",
         "How long the pool keeps retrying, with backoff, to open a connection "
         "that failed before it gives up on that slot.",
-        "number", minimum=0,
+        "number",
+        minimum=0,
     ),
     Option(
-        "num_workers", 2, "an integer >= 1",
+        "num_workers",
+        2,
+        "an integer >= 1",
         "Background threads that open and close connections for the pool.",
-        "int", minimum=1,
+        "int",
+        minimum=1,
     ),
     Option(
-        "name", None, "a string",
+        "name",
+        None,
+        "a string",
         "The pool's name in logs and thread names (default: the alias).",
-        "str", allow_none=True,
+        "str",
+        allow_none=True,
     ),
     Option(
-        "check", None, "a callable taking a psycopg connection, or its dotted path",
+        "check",
+        None,
+        "a callable taking a psycopg connection, or its dotted path",
         "Run on every checkout (a round trip). Default: psycopg_pool's "
         "check_connection when CONN_HEALTH_CHECKS is on, else none. The engine "
         "always detects connections the server closed, without a round trip.",
-        "callable", allow_none=True,
+        "callable",
+        allow_none=True,
     ),
     Option(
-        "configure", None, "a callable taking a psycopg connection, or its dotted path",
+        "configure",
+        None,
+        "a callable taking a psycopg connection, or its dotted path",
         "Run on every new connection and again after each session reset, so "
         "what it sets survives resets. It must use only the connection it is "
         "given and leave it idle.",
-        "callable", allow_none=True,
+        "callable",
+        allow_none=True,
     ),
     Option(
-        "reset", None, "a callable taking a psycopg connection, or its dotted path",
+        "reset",
+        None,
+        "a callable taking a psycopg connection, or its dotted path",
         "Run when a connection is returned, before the session reset "
         "(in a pool worker, as in psycopg_pool).",
-        "callable", allow_none=True,
+        "callable",
+        allow_none=True,
     ),
     Option(
-        "reset_session", True, "True or False",
+        "reset_session",
+        True,
+        "True or False",
         "Reset the session (DISCARD ALL) when a connection is returned, so no "
         "SET, SET ROLE, temporary table, advisory lock, LISTEN or prepared "
         "statement leaks into the next request. False saves the reset's small "
         "cost but lets one request's session state reach the next one.",
-        "bool", psycopg=False,
+        "bool",
+        psycopg=False,
     ),
     Option(
-        "password_provider", None, "a callable returning the password, or its dotted path",
+        "password_provider",
+        None,
+        "a callable returning the password, or its dotted path",
         "Called for each new physical connection, for credentials that expire "
         "(cloud IAM tokens). Alternative to a callable PASSWORD.",
-        "callable", allow_none=True, psycopg=False,
+        "callable",
+        allow_none=True,
+        psycopg=False,
     ),
 )
 
@@ -147,9 +191,9 @@ class PoolOptions:
     reconnect_timeout: float
     num_workers: int
     name: str | None
-    check: Callable[[Any], object] | None
-    configure: Callable[[Any], object] | None
-    reset: Callable[[Any], object] | None
+    check: Callable[[Any], None] | None
+    configure: Callable[[Any], None] | None
+    reset: Callable[[Any], None] | None
     reset_session: bool
     password_provider: Callable[[], str] | None
     check_given: bool  # a user's "check" (even None) overrides CONN_HEALTH_CHECKS
@@ -212,10 +256,8 @@ def _coerce(alias: str, opt: Option, value: Any) -> Any:
 def iter_errors(alias: str, raw: Any) -> list[OptionError]:
     """Every problem with ``OPTIONS["pool"]`` of *alias*, in a stable order."""
     errors: list[OptionError] = []
-    try:
+    with contextlib.suppress(OptionError):
         parse(alias, raw, collect=errors)
-    except OptionError:
-        pass
     return errors
 
 

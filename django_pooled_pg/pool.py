@@ -19,6 +19,7 @@ Around that loop: a thread that ends while holding a lease gives it back
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import select
@@ -76,7 +77,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         alias: str,
         options: PoolOptions,
         kwargs: dict[str, Any] | Callable[[], dict[str, Any]],
-        check: Callable[[Any], object] | None,
+        check: Callable[[Any], None] | None,
         database: tuple[str, str, str],
         **pool_kwargs: Any,
     ) -> None:
@@ -118,7 +119,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             try:
                 conn = self._getconn_unchecked(deadline - monotonic())
             except PoolTimeout:
-                raise self._exhausted(f"no connection was free after {monotonic() - t0:.2f} s", t0) from None
+                raise self._exhausted(
+                    f"no connection was free after {monotonic() - t0:.2f} s", t0
+                ) from None
             except TooManyRequests:
                 raise self._exhausted(
                     f"the queue is full (max_waiting={self.max_waiting})", t0
@@ -419,10 +422,8 @@ def _thread_ended(leases: set[PooledConnection], pid: int) -> None:
     for conn in list(leases):
         pool = conn._dpp_pool
         if pool is not None and not pool.closed:
-            try:
+            with contextlib.suppress(Exception):  # the interpreter is shutting down
                 pool.run_task(_ReclaimConnection(pool, conn, conn._dpp_generation))
-            except Exception:  # interpreter shutting down
-                pass
 
 
 class _ReclaimConnection(MaintenanceTask):

@@ -17,6 +17,7 @@ The process itself is managed by mirakuru's ``TCPExecutor``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import os
 import pwd
@@ -29,6 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from urllib.parse import unquote, urlparse
 
 from mirakuru import TCPExecutor
@@ -61,9 +63,8 @@ def _is_bindir(path: str | os.PathLike[str]) -> bool:
 
 def find_bindir() -> Path:
     """Locate ``initdb`` and ``postgres``: PATH, pg_config, then usual places."""
-    if initdb := shutil.which("initdb"):
-        if _is_bindir(Path(initdb).parent):
-            return Path(initdb).parent
+    if (initdb := shutil.which("initdb")) and _is_bindir(Path(initdb).parent):
+        return Path(initdb).parent
     if pg_config := shutil.which("pg_config"):
         try:
             out = subprocess.run(
@@ -115,6 +116,7 @@ class ThrowawayServer:
     _executor: TCPExecutor | None = None
     _owner_pid: int = field(default_factory=os.getpid)
     _run_as: pwd.struct_passwd | None = None
+    _log: IO[bytes] | None = None
 
     @property
     def datadir(self) -> Path:
@@ -185,9 +187,7 @@ class ThrowawayServer:
         """The server user may not be able to enter root's home (site-packages
         of a pinned binary package): copy such an install next to the data."""
         assert self._run_as is not None and self._tmp is not None
-        probe = subprocess.run(
-            self._as_server_user(["test", "-x", str(self.bindir / "postgres")])
-        )
+        probe = subprocess.run(self._as_server_user(["test", "-x", str(self.bindir / "postgres")]))
         if probe.returncode == 0:
             return self.bindir
         target = self._tmp / "pginstall"
@@ -226,10 +226,15 @@ class ThrowawayServer:
             port=self.port,
             timeout=60,
             stop_signal=signal.SIGINT,  # "fast" shutdown: clients are cut off
-            stdout=open(self.logfile, "ab"),
+            stdout=self._log_handle(),
             stderr=subprocess.STDOUT,
         )
         self._executor.start()
+
+    def _log_handle(self) -> IO[bytes]:
+        if self._log is None or self._log.closed:
+            self._log = open(self.logfile, "ab")  # noqa: SIM115 - lives as long as the server
+        return self._log
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: ``fast`` (SIGINT) or ``immediate`` (SIGQUIT)."""
@@ -249,6 +254,8 @@ class ThrowawayServer:
         try:
             self.stop()
         finally:
+            if self._log is not None:
+                self._log.close()
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -257,9 +264,7 @@ class ThrowawayServer:
         from psycopg import sql
 
         with psycopg.connect(**self.conninfo("postgres"), autocommit=True) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", [name]
-            ).fetchone()
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
@@ -332,7 +337,5 @@ def database_settings(dbname: str = DEMO_DATABASE) -> dict[str, str]:
 if __name__ == "__main__":  # pragma: no cover - manual use
     s = start_throwaway()
     print(f"PostgreSQL on {s.host}:{s.port}, user {s.user}; Ctrl-C stops it", file=sys.stderr)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         signal.pause()
-    except KeyboardInterrupt:
-        pass

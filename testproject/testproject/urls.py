@@ -1,6 +1,5 @@
-from django.urls import path
-
 from demoapp import views
+from django.urls import path
 
 urlpatterns = [
     path("hit/", views.hit),

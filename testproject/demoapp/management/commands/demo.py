@@ -35,8 +35,10 @@ class Command(BaseCommand):
         serving = threading.Thread(target=server.serve_forever, daemon=True)
         serving.start()
         url = f"http://127.0.0.1:{server.server_port}"
-        self.stdout.write(f"Serving the test project at {url} on {connection.settings_dict['HOST']}:"
-                          f"{connection.settings_dict['PORT']}/{connection.settings_dict['NAME']}")
+        self.stdout.write(
+            f"Serving the test project at {url} on {connection.settings_dict['HOST']}:"
+            f"{connection.settings_dict['PORT']}/{connection.settings_dict['NAME']}"
+        )
 
         errors: list[str] = []
         backends: set[int] = set()
