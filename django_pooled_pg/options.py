@@ -147,8 +147,8 @@ OPTIONS: tuple[Option, ...] = (
         "reset",
         None,
         "a callable taking a psycopg connection, or its dotted path",
-        "Run when a connection is returned, before the session reset "
-        "(in a pool worker, as in psycopg_pool).",
+        "Run when a connection is returned, in the returning thread, before "
+        "the session reset (never queued behind connection attempts).",
         "callable",
         allow_none=True,
     ),

@@ -187,6 +187,13 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             conn._dpp_leases = None
         conn._dpp_owner = None
 
+    def _putconn(self, conn: PooledConnection, from_getconn: bool) -> None:
+        # Always in the returning thread. psycopg_pool hands returns to its
+        # workers when a reset callback is set, where they queue behind
+        # connection attempts (up to connect_timeout each to a silent server)
+        # while the pool looks exhausted.
+        self._return_connection(conn, from_getconn=from_getconn)
+
     def _reset_connection(self, conn: PooledConnection) -> None:
         """Roll back, restore the connection object, send the session reset.
 

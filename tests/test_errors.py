@@ -176,3 +176,65 @@ def test_outage_fails_in_time_and_pool_recovers(private_server) -> None:
     finally:
         wrapper.close()
         wrapper.close_pool()
+
+
+_stall = threading.Event()
+_stalling = threading.Event()
+
+
+def slow_password() -> str:
+    """A credentials service that hangs: connection attempts stall in the pool's workers."""
+    from django.db import connection
+
+    _stalling.set()
+    _stall.wait(10)
+    return str(connection.settings_dict["PASSWORD"])
+
+
+def count_resets(conn: object) -> None:
+    count_resets.calls += 1  # type: ignore[attr-defined]
+
+
+count_resets.calls = 0  # type: ignore[attr-defined]
+
+
+def test_return_and_check_never_wait_behind_connection_attempts(make_wrapper: Make) -> None:
+    wrapper = make_wrapper(
+        pool={
+            "min_size": 1, "max_size": 4, "num_workers": 2, "timeout": 5,
+            "reset": "tests.test_errors.count_resets",
+            "password_provider": "tests.test_errors.slow_password",
+        },
+        CONN_HEALTH_CHECKS=True,
+    )
+    _stall.set()  # let the first connection through
+    hold(wrapper)
+    _stall.clear()
+    _stalling.clear()
+    pool = wrapper.pool
+    # Two more clients make the pool grow: both workers now hang in connects.
+    def client() -> None:
+        other = wrapper.copy()
+        try:
+            hold(other)
+        finally:
+            other.close()
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        assert _stalling.wait(5)
+        calls = count_resets.calls
+        t0 = time.monotonic()
+        wrapper.close()  # reset callback and session reset: inline
+        with wrapper.cursor() as cursor:  # check (CONN_HEALTH_CHECKS): inline
+            cursor.execute("SELECT 1")
+        assert time.monotonic() - t0 < 0.5
+        assert count_resets.calls >= calls + 1  # waiting clients got it first, also reset
+        assert pool._check is not None
+    finally:
+        _stall.set()
+        wrapper.close()
+        for t in threads:
+            t.join(10)
