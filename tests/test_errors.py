@@ -201,7 +201,7 @@ count_resets.calls = 0  # type: ignore[attr-defined]
 def test_return_and_check_never_wait_behind_connection_attempts(make_wrapper: Make) -> None:
     wrapper = make_wrapper(
         pool={
-            "min_size": 1, "max_size": 4, "num_workers": 2, "timeout": 5,
+            "min_size": 1, "max_size": 1, "num_workers": 2, "timeout": 5,
             "reset": "tests.test_errors.count_resets",
             "password_provider": "tests.test_errors.slow_password",
         },
@@ -212,19 +212,14 @@ def test_return_and_check_never_wait_behind_connection_attempts(make_wrapper: Ma
     _stall.clear()
     _stalling.clear()
     pool = wrapper.pool
-    # Two more clients make the pool grow: both workers now hang in connects.
-    def client() -> None:
-        other = wrapper.copy()
-        try:
-            hold(other)
-        finally:
-            other.close()
-
-    threads = [threading.Thread(target=client) for _ in range(2)]
+    # Two connection attempts at once (the pool grows one at a time, resize
+    # adds in parallel): both workers now hang in the password provider.
+    pool.resize(min_size=3, max_size=4)
     try:
-        for t in threads:
-            t.start()
         assert _stalling.wait(5)
+        deadline = time.monotonic() + 5
+        while pool._tasks.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)  # both attempts taken by the two workers
         calls = count_resets.calls
         t0 = time.monotonic()
         wrapper.close()  # reset callback and session reset: inline
@@ -236,5 +231,3 @@ def test_return_and_check_never_wait_behind_connection_attempts(make_wrapper: Ma
     finally:
         _stall.set()
         wrapper.close()
-        for t in threads:
-            t.join(10)
