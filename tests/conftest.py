@@ -13,9 +13,9 @@ from typing import Any
 
 import psycopg
 import pytest
-import throwaway_pg
 from django.db import connection
 
+import throwaway_pg
 from django_pooled_pg.base import DatabaseWrapper
 from tests.helpers import db_settings
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-import throwaway_pg
 from django.db import connection
+
+import throwaway_pg
 
 
 def db_settings(**overrides: Any) -> dict[str, Any]:

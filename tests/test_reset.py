@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from django.db import connection
+from django.db import DataError, connection
 from django.test import override_settings
 from psycopg import pq
 
@@ -116,7 +116,7 @@ def test_failed_transaction_is_rolled_back(make_wrapper: Make) -> None:
     wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1})
     backend = pid(wrapper)
     wrapper.set_autocommit(False)
-    with pytest.raises(Exception), wrapper.cursor() as cursor:
+    with pytest.raises(DataError), wrapper.cursor() as cursor:
         cursor.execute("SELECT 1/0")
     wrapper.close()  # returned in INERROR state
     assert pid(wrapper) == backend
@@ -260,7 +260,7 @@ def test_prepared_statements_work_across_resets(make_wrapper: Make, threshold: i
         options={"prepare_threshold": threshold, "server_side_binding": True},
     )
     prepared_seen = 0
-    for round_ in range(8):
+    for _round in range(8):
         with wrapper.cursor() as cursor:
             for i in range(7):
                 cursor.execute("SELECT %s::int + 1", [i])

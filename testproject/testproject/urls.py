@@ -1,5 +1,6 @@
-from demoapp import views
 from django.urls import path
+
+from demoapp import views
 
 urlpatterns = [
     path("hit/", views.hit),

