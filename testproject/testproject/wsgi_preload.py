@@ -1,0 +1,23 @@
+"""WSGI entry for gunicorn --preload tests: the master uses the database first.
+
+Many applications touch the database at import time (a settings lookup, a
+cache warm-up). Under --preload that happens in the master, which then forks
+the workers with a pool and a checked-out connection in hand.
+"""
+
+import os
+
+from django.db import connection
+
+from .wsgi import application
+
+with connection.cursor() as cursor:
+    cursor.execute("SELECT pg_backend_pid()")
+    MASTER_BACKEND_PID = cursor.fetchone()[0]
+# Deliberately not closed: the master forks while holding it.
+
+if path := os.environ.get("PRELOAD_REPORT"):
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()} {MASTER_BACKEND_PID}\n")
+
+__all__ = ["application"]
