@@ -149,3 +149,31 @@ def test_pool_is_created_lazily(make_wrapper: Make) -> None:
     run_in_thread(lambda: None)
     backend_pid(wrapper)
     assert pool._opened
+
+
+def test_django_sees_what_the_engine_does(make_wrapper: Make) -> None:
+    """Feature flags and test skips read OPTIONS["pool"]; Django's own pool never exists."""
+    from django.db.backends.postgresql.base import DatabaseWrapper as DjangoWrapper
+
+    skip = "Pool does implicit health checks"
+    pooled = make_wrapper(pool=True)
+    pooled.settings_dict["OPTIONS"].pop("pool")
+    pooled = type(pooled)(pooled.settings_dict, "implicit")  # ENGINE alone, no "pool" key
+    assert pooled.settings_dict["OPTIONS"]["pool"] is True
+    assert skip in pooled.features.django_test_skips
+    backend_pid(pooled)
+    pooled.close()
+    pooled.close_pool()
+    plain = make_wrapper(pool=False)
+    assert plain.pool is None
+    assert skip not in plain.features.django_test_skips
+    assert DjangoWrapper._connection_pools == {}
+
+
+def test_pool_false_connects_and_closes(make_wrapper: Make, admin) -> None:
+    plain = make_wrapper(pool=False)
+    first = backend_pid(plain)
+    raw = plain.connection
+    plain.close()
+    assert raw.closed
+    assert backend_pid(plain) != first
