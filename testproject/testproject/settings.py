@@ -30,6 +30,14 @@ DATABASES = {
         **_db,
         "OPTIONS": {"pool": {"max_size": int(os.environ.get("POOL_MAX_SIZE", "4"))}},
     },
+    # The same database through a pool of two, for tests that exhaust or
+    # starve a pool on purpose.
+    "small": {
+        "ENGINE": "django_pooled_pg",
+        **_db,
+        "OPTIONS": {"pool": {"min_size": 0, "max_size": 2, "timeout": 2}},
+        "TEST": {"MIRROR": "default"},
+    },
 }
 
 LOGGING = {
