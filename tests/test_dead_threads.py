@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "small"])
 from django.db import connections
 
 from django_pooled_pg.base import DatabaseWrapper
 from tests.conftest import Make
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "small"])
 
 
 @pytest.fixture
