@@ -1,0 +1,102 @@
+"""Pools close at interpreter exit: fast, quiet, and leaving no session behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from django.db import connection
+
+from tests.conftest import Make
+from tests.helpers import backend_pids
+
+TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
+
+CHILD = """
+import os, sys, threading, time
+import django
+django.setup()
+from django.db import connection, connections
+
+def work():
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT 1")
+    connections["default"].close()
+
+threads = [threading.Thread(target=work) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+with connection.cursor() as cursor:  # left checked out by the main thread
+    cursor.execute("SELECT pg_backend_pid()")
+{extra}
+print("MARK", time.time(), flush=True)
+"""
+
+
+def run_child(app: str, extra: str = "") -> tuple[float, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTPROJECT),
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "PGDATABASE": connection.settings_dict["NAME"],
+        "PGAPPNAME": app,  # libpq's application_name, to find its sessions
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "default", "-c", CHILD.format(extra=extra)],
+        cwd=TESTPROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    assert line.startswith("MARK"), (line, proc.stderr.read())
+    marked = float(line.split()[1])
+    proc.wait(30)
+    exited = time.time()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    return exited - marked, stderr
+
+
+def sessions_of(admin: psycopg.Connection[Any], app: str) -> int:
+    return int(
+        admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [app]
+        ).fetchone()[0]
+    )
+
+
+@pytest.mark.parametrize("extra", ["", "connection.close()"], ids=["checked-out", "returned"])
+def test_pools_close_at_exit_quickly_and_quietly(transactional_db: None, admin, extra: str) -> None:
+    app = f"pooled-exit-{len(extra)}"
+    took, stderr = run_child(app, extra)
+    assert took < 1.0, took
+    assert stderr == ""  # no warnings, no thread-join errors
+    deadline = time.monotonic() + 2  # the server notices disconnections promptly
+    while sessions_of(admin, app) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sessions_of(admin, app) == 0
+
+
+def test_close_pool_closes_its_sessions_and_a_new_pool_follows(make_wrapper: Make, admin) -> None:
+    wrapper = make_wrapper(pool={"min_size": 2, "max_size": 2}, options={"application_name": "pooled-close"})
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    pool = wrapper.pool
+    wrapper.close_pool()
+    assert pool.closed
+    assert wrapper.connection is None
+    deadline = time.monotonic() + 2
+    while sessions_of(admin, "pooled-close") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sessions_of(admin, "pooled-close") == 0
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    assert wrapper.pool is not pool and not wrapper.pool.closed
+    assert backend_pids(admin, wrapper.settings_dict["NAME"])
