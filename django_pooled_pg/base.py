@@ -114,7 +114,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
             raise ImproperlyConfigured(PERSISTENT_CONNECTIONS_MESSAGE)
         opts = self.pool_options()
-        params = self.get_connection_params()
+        params = super().get_connection_params()
         params["autocommit"] = True  # Django sets its own at checkout
         params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         # Time zone and role as session defaults, from the startup packet:
@@ -160,9 +160,14 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
     # -- connect and close ---------------------------------------------------
 
     def get_connection_params(self) -> dict[str, Any]:
+        if self.pooled:
+            # Django's connect() builds these on every checkout and hands them
+            # to get_new_connection(), which checks out instead: the pool was
+            # given them once (_create_pool). Building them again would call
+            # a callable PASSWORD per checkout, not per connection.
+            return {}
         params: dict[str, Any] = super().get_connection_params()
-        password = params.get("password")
-        if callable(password):
+        if callable(password := params.get("password")):
             params["password"] = password()
         return params
 

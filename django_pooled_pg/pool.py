@@ -60,6 +60,23 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_leases: set[PooledConnection] | None = None  # the holding thread's
     _dpp_owner: weakref.ref[DatabaseWrapper] | None = None
     _dpp_pool: DjangoPool | None = None
+    _dpp_fatal: bool = False  # the server said FATAL: it is closing the session
+
+
+def _watch_for_fatal(conn: PooledConnection) -> None:
+    """Flag the connection when the server announces it is closing it.
+
+    A terminated backend sends its FATAL message before closing the socket.
+    libpq hands an error that arrives while the connection is idle to the
+    notice processor; the EOF may follow a moment later.
+    """
+    ref = weakref.ref(conn)
+
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized in ("FATAL", "PANIC") and (c := ref()) is not None:
+            c._dpp_fatal = True
+
+    conn.add_notice_handler(on_notice)
 
 
 class DjangoPool(ConnectionPool[PooledConnection]):
@@ -161,7 +178,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # the session while it was idle.
         if conn._dpp_reset_pending:
             self._finish_reset(conn)
-        if not _socket_alive(conn.pgconn):
+        if not _socket_alive(conn):
             raise psycopg.OperationalError("the server closed the connection while it was idle")
         super()._check_connection(conn)
 
@@ -250,6 +267,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         while (res := pgconn.get_result()) is not None:
             if res.status != pq.ExecStatus.COMMAND_OK:
                 error = res.get_error_message()
+        pgconn.is_busy()  # parse what came after the answer (a FATAL, say)
         if error is not None:
             raise psycopg.OperationalError(f"session reset failed: {error}")
         _forget_prepared_statements(conn)
@@ -268,6 +286,11 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             raise psycopg.ProgrammingError(
                 f"configure {self._user_configure!r} left the connection in a transaction"
             )
+
+    def _connect(self, timeout: float | None = None) -> PooledConnection:
+        conn = super()._connect(timeout)
+        _watch_for_fatal(conn)
+        return conn
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         # psycopg_pool retries a failed connect after 1 s, then doubles the
@@ -329,35 +352,31 @@ class _ReconnectAttempt(AttemptWithBackoff):
         self.delay = min(self.delay, RECONNECT_DELAY_MAX)
 
 
-def _socket_alive(pgconn: pq.abc.PGconn) -> bool:
+def _socket_alive(conn: PooledConnection) -> bool:
     """True unless the server closed the session: no round trip.
 
     An idle connection's socket has nothing to read; a backend that was
-    terminated left its FATAL message and EOF there.
+    terminated left its FATAL message and then EOF there.
     """
-    if pgconn.status != _CONN_OK:
+    pgconn = conn.pgconn
+    if conn._dpp_fatal or pgconn.status != _CONN_OK:
         return False
     try:
         fd = pgconn.socket
     except psycopg.OperationalError:
         return False
-    readable, _, _ = select.select([fd], [], [], 0)
-    if readable:
+    for _ in range(2):  # a FATAL, then its EOF
+        readable, _, _ = select.select([fd], [], [], 0)
+        if not readable:
+            break
         try:
             pgconn.consume_input()
         except psycopg.OperationalError:
             return False
-        if pgconn.status != _CONN_OK:
+        pgconn.is_busy()  # parse it: an error while idle goes to the notice handler
+        if conn._dpp_fatal or pgconn.status != _CONN_OK:
             return False
-        # A NOTICE or ParameterStatus arrived while idle: harmless. A FATAL
-        # whose EOF is still on its way: look once more.
-        readable, _, _ = select.select([fd], [], [], 0)
-        if readable:
-            try:
-                pgconn.consume_input()
-            except psycopg.OperationalError:
-                return False
-    return pgconn.status == _CONN_OK
+    return True
 
 
 def _forget_prepared_statements(conn: psycopg.Connection[Any]) -> None:

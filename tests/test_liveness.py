@@ -77,6 +77,31 @@ def test_terminated_idle_connections_are_never_handed_out(make_wrapper: Make, ad
     wrapper.close()
 
 
+@pytest.mark.parametrize("reset_session", [True, False])
+def test_connection_terminated_a_moment_ago_is_not_handed_out(
+    make_wrapper: Make, admin, reset_session: bool
+) -> None:
+    """The FATAL message arrives before the EOF: either one is enough to tell.
+
+    Checked out right after the backend exited (gone from pg_stat_activity),
+    when its EOF may still be on its way.
+    """
+    wrapper = make_wrapper(
+        pool={"min_size": 1, "max_size": 1, "reset_session": reset_session},
+        options={"application_name": APP},
+    )
+    failures = []
+    for _ in range(20):
+        with wrapper.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            backend = cursor.fetchone()[0]
+        wrapper.close()
+        admin.execute("SELECT pg_terminate_backend(%s)", [backend])
+        wait_gone(admin, {backend})
+        failures += requests(wrapper, 1)[1]
+    assert failures == []
+
+
 def test_terminated_idle_connections_from_many_threads(make_wrapper: Make, admin) -> None:
     wrapper = make_wrapper(
         pool={"min_size": 4, "max_size": 4}, options={"application_name": APP}

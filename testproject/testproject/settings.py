@@ -4,6 +4,7 @@ The server comes from DATABASE_URL or the PG* variables; with neither, a
 throwaway cluster is started for this process (see throwaway_pg).
 """
 
+import json
 import os
 
 import throwaway_pg
@@ -28,7 +29,13 @@ DATABASES = {
     "default": {
         "ENGINE": "django_pooled_pg",
         **_db,
-        "OPTIONS": {"pool": {"max_size": int(os.environ.get("POOL_MAX_SIZE", "4"))}},
+        "OPTIONS": {
+            "pool": {
+                "max_size": int(os.environ.get("POOL_MAX_SIZE", "4")),
+                # Extra pool options, for tests that run manage.py in a subprocess.
+                **json.loads(os.environ.get("POOL_OPTIONS_JSON", "{}")),
+            }
+        },
     },
     # The same database through a pool of two, for tests that exhaust or
     # starve a pool on purpose.
