@@ -177,3 +177,17 @@ def test_pool_false_connects_and_closes(make_wrapper: Make, admin) -> None:
     plain.close()
     assert raw.closed
     assert backend_pid(plain) != first
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "small"])
+def test_close_all_returns_every_alias_connection() -> None:
+    """What Django runs at the end of a management command and in tests."""
+    from django.db import connections
+
+    for alias in ("default", "small"):
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT 1")
+    pools = [connections[alias].pool for alias in ("default", "small")]
+    assert all(pool._leased for pool in pools)
+    connections.close_all()
+    assert not any(pool._leased for pool in pools)
