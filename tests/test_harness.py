@@ -72,3 +72,21 @@ except throwaway_pg.NoPostgreSQL as exc:
     assert "No PostgreSQL server binaries were found" in result.stdout
     assert "apt-get install postgresql" in result.stdout
     assert "DATABASE_URL" in result.stdout
+
+
+def test_exiting_processes_cannot_kill_the_server(private_server) -> None:
+    """mirakuru's exit hook, in any process that imported it, kills every
+    process whose marker *contains* that process's pid; forked test children
+    and finished subprocesses have such pids. The server carries no marker."""
+    from mirakuru.base import ENV_UUID
+    from mirakuru.base_env import processes_with_env
+
+    executor = private_server._executor
+    assert executor is not None and executor.process is not None
+    owner_pid = executor._uuid.split(":")[0]
+    for fragment in (owner_pid, owner_pid[1:], executor._uuid[-6:]):
+        assert executor.process.pid not in processes_with_env(ENV_UUID, fragment)
+    import psycopg
+
+    with psycopg.connect(**private_server.conninfo("private")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
