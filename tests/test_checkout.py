@@ -191,3 +191,17 @@ def test_close_all_returns_every_alias_connection() -> None:
     assert all(pool._leased for pool in pools)
     connections.close_all()
     assert not any(pool._leased for pool in pools)
+
+
+def test_two_aliases_on_one_database_have_pools_of_their_own(make_wrapper: Make) -> None:
+    first = make_wrapper(pool={"min_size": 0, "max_size": 1})
+    second = make_wrapper(pool={"min_size": 0, "max_size": 1})
+    assert first.settings_dict["NAME"] == second.settings_dict["NAME"]
+    assert first.pool is not second.pool
+    pid = backend_pid(first)
+    assert backend_pid(second) != pid  # each alias has its own max_size of 1
+    first.close()
+    first.close_pool()
+    assert first.pool is not None and second.pool is not None
+    second.close()
+    backend_pid(second)  # unaffected by the other alias's close_pool()

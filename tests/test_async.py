@@ -1,0 +1,95 @@
+"""Async views under a real ASGI server (uvicorn) with concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from django.db import connection
+
+from tests.helpers import backend_pids
+from tests.test_gunicorn import free_port
+
+TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
+MAX_SIZE = 4
+
+
+async def burst(url: str, requests: int, concurrency: int) -> list[httpx.Response]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one(i: int) -> httpx.Response:
+            async with limit:
+                return await client.get(url, params={"name": f"n{i % 5}"})
+
+        return await asyncio.gather(*(one(i) for i in range(requests)))
+
+
+@pytest.mark.slow
+def test_async_views_under_uvicorn_use_and_return_pooled_connections(
+    transactional_db: None, admin: psycopg.Connection[Any]
+) -> None:
+    dbname = connection.settings_dict["NAME"]
+    ours = backend_pids(admin, dbname)  # this process's own sessions
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTPROJECT),
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "PGDATABASE": dbname,
+        "POOL_MAX_SIZE": str(MAX_SIZE),
+        "POOL_OPTIONS_JSON": '{"timeout": 5}',
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "testproject.asgi:application", "--port", str(port),
+         "--log-level", "warning"],
+        cwd=TESTPROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                httpx.get(base + "/ping/", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.1)
+        peak = 0
+        for path in ("/ahit/", "/athread/"):
+            # Many more requests than connections: they must be returned to be reused.
+            responses = asyncio.run(burst(base + path, requests=120, concurrency=16))
+            failed = [(r.status_code, r.text[:300]) for r in responses if r.status_code != 200]
+            assert not failed, failed[:3]
+            peak = max(peak, len(backend_pids(admin, dbname) - ours))
+        assert 1 <= peak <= MAX_SIZE  # uvicorn's sessions: one pool of MAX_SIZE
+        # Afterwards nothing is left checked out or in a transaction.
+        time.sleep(1.5)  # a request thread that ended is reclaimed within 1 s
+        states = admin.execute(
+            "SELECT pid, state FROM pg_stat_activity WHERE datname = %s", [dbname]
+        ).fetchall()
+        server = [state for pid, state in states if pid not in ours]
+        assert server and all(state == "idle" for state in server), states
+        assert proc.poll() is None
+        # A second burst after the first still finds free connections at once.
+        responses = asyncio.run(burst(base + "/ahit/", requests=40, concurrency=8))
+        assert all(r.status_code == 200 for r in responses)
+        assert all(r.elapsed.total_seconds() < 4 for r in responses)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "thread ended without closing" not in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
