@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
@@ -65,6 +66,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
             options["pool"] = True
         super().__init__(settings_dict, alias)
         self._dpp_generation = 0
+        self._dpp_pool_cache: tuple[tuple[Any, ...], DjangoPool] | None = None
 
     @property
     def wrap_database_errors(self) -> DatabaseErrorWrapper:  # type: ignore[override]
@@ -86,7 +88,20 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         """
         if not self.pooled:
             return None
-        return pools.get_pool(self._pool_key(), self.alias, self._create_pool)
+        # Every checkout asks: compare the settings the pool was chosen for
+        # (a C-level comparison) instead of building the registry key again.
+        s = self.settings_dict
+        seen = (
+            s["NAME"], s["USER"], s["PASSWORD"], s["HOST"], s["PORT"], s["OPTIONS"],
+            self.timezone_name, settings.USE_TZ,
+        )  # fmt: skip
+        cached = self._dpp_pool_cache
+        if cached is not None and cached[0] == seen and not cached[1].closed:
+            return cached[1]
+        pool = pools.get_pool(self._pool_key(), self.alias, self._create_pool)
+        # A copy of OPTIONS: a change made in place must not match the cache.
+        self._dpp_pool_cache = ((*seen[:5], copy.deepcopy(seen[5]), *seen[6:]), pool)
+        return pool
 
     def _pool_key(self) -> tuple[Any, ...]:
         s = self.settings_dict
@@ -212,6 +227,17 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         self.connection = None
         with self.wrap_database_errors:
             pools.release(conn, self._dpp_generation)
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # Django sets autocommit at every connect; a pooled connection comes
+        # back in autocommit, and psycopg's setter costs a call into its
+        # I/O loop even when nothing changes.
+        if (
+            isinstance(self.connection, PooledConnection)
+            and self.connection.autocommit == autocommit
+        ):
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def close_if_health_check_failed(self) -> None:
         if self.pooled:

@@ -33,7 +33,7 @@ import psycopg
 from psycopg import pq
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool import MaintenanceTask
+from psycopg_pool.pool import AddConnection, MaintenanceTask
 
 from .errors import PoolExhausted
 from .options import PoolOptions
@@ -104,6 +104,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._user_configure = options.configure
         self._pid = os.getpid()
         self._leased: set[PooledConnection] = set()
+        # Returned by a thread and kept for its next checkout (see release()).
+        self._parked: dict[PooledConnection, float] = {}
+        self._local = threading.local()
         super().__init__(
             kwargs=kwargs,
             connection_class=PooledConnection,
@@ -126,12 +129,24 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         Unlike the base class, a connection found dead is replaced at once:
         detecting it cost no round trip, so there is nothing to back off from.
         """
+        self._check_open_getconn()
+        self._stats[self._REQUESTS_NUM] += 1
+        local = self._local
+        conn: PooledConnection | None = getattr(local, "parked", None)
+        if conn is not None:
+            local.parked = None
+            # Ours again unless another thread took it meanwhile.
+            if self._parked.pop(conn, None) is not None:
+                if self._pool and not _reset_done(conn):
+                    # Its reset is still in flight and a connection in the
+                    # pool is idle: take that one, let this one finish.
+                    self._add_to_pool(conn)
+                elif self._take(conn):
+                    return conn
         if timeout is None:
             timeout = self.timeout
         t0 = monotonic()
         deadline = t0 + timeout
-        self._stats[self._REQUESTS_NUM] += 1
-        self._check_open_getconn()
         while True:
             try:
                 conn = self._getconn_unchecked(deadline - monotonic())
@@ -143,18 +158,39 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 raise self._exhausted(
                     f"the queue is full (max_waiting={self.max_waiting})", t0
                 ) from None
+            if self._take(conn):
+                return conn
+
+    def _take(self, conn: PooledConnection) -> bool:
+        """Lease a connection taken from the pool, or discard it if unfit."""
+        if conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
+            self._close_connection(conn)
+            self._return_connection(conn, from_getconn=True)
+            return False
+        try:
+            self._check_connection(conn)
+        except Exception as exc:
+            logger.info("pool %r: discarding a connection at checkout: %s", self.name, exc)
+            conn.close()
+            self._return_connection(conn, from_getconn=True)
+            return False
+        except BaseException:
+            self._return_connection(conn, from_getconn=True)
+            raise
+        self._lease(conn)
+        return True
+
+    def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
+        # Under the pool's lock. An idle connection parked by another thread
+        # is as good as one in the pool: take it before waiting or growing.
+        if not self._pool and self._parked:
             try:
-                self._check_connection(conn)
-            except Exception as exc:
-                logger.info("pool %r: discarding a connection at checkout: %s", self.name, exc)
-                conn.close()
-                self._putconn(conn, from_getconn=True)
-                continue
-            except BaseException:
-                self._putconn(conn, from_getconn=True)
-                raise
-            self._lease(conn)
-            return conn
+                conn, _ = self._parked.popitem()
+            except KeyError:  # its thread took it back meanwhile
+                pass
+            else:
+                return conn
+        return super()._get_ready_connection(timeout)
 
     def _exhausted(self, why: str, t0: float) -> PoolExhausted:
         waited = monotonic() - t0
@@ -196,6 +232,20 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._unlease(conn)
         super().putconn(conn)
 
+    def release(self, conn: PooledConnection) -> None:
+        """Return a connection from the thread that holds it (Django's close).
+
+        The connection is reset as by putconn() and then *parked*: kept
+        for this thread's next checkout, which then skips the pool's lock
+        and queue, while any other thread that finds the pool empty takes
+        it. It goes to the pool's queue instead when a client is waiting.
+        """
+        self._unlease(conn)
+        self._check_pool_putconn(conn)
+        if self._maybe_close_connection(conn):
+            return
+        self._return_connection(conn, from_getconn=False, park=True)
+
     def _unlease(self, conn: PooledConnection) -> None:
         conn._dpp_generation += 1
         self._leased.discard(conn)
@@ -203,6 +253,47 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             leases.discard(conn)
             conn._dpp_leases = None
         conn._dpp_owner = None
+
+    def _return_connection(
+        self, conn: PooledConnection, from_getconn: bool, park: bool = False
+    ) -> None:
+        # The base class's, with parking (see release()).
+        self._reset_connection(conn)
+        if conn.pgconn.transaction_status == _UNKNOWN:
+            self._stats[self._RETURNS_BAD if not from_getconn else self._CONNECTIONS_LOST] += 1
+            logger.info("pool %r: replacing a closed connection", self.name)
+            self.run_task(AddConnection(self))
+            return
+        if conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
+            logger.info("pool %r: discarding expired connection", self.name)
+            self._close_connection(conn)
+            self.run_task(AddConnection(self))
+            return
+        if park:
+            with self._lock:
+                if not self._waiting and not self._closed:
+                    self._parked[conn] = monotonic()
+                    self._local.parked = conn
+                    return
+        self._add_to_pool(conn)
+
+    def _unpark(self, idle_for: float = 0.0) -> int:
+        """Move parked connections idle for *idle_for* seconds to the pool."""
+        limit = monotonic() - idle_for
+        moved = 0
+        for conn, parked_at in list(self._parked.items()):
+            if parked_at <= limit and self._parked.pop(conn, None) is not None:
+                self._add_to_pool(conn)
+                moved += 1
+        return moved
+
+    def _shrink_pool(self) -> None:
+        # A parked connection is idle: let max_idle close it as it would
+        # close one waiting in the pool.
+        if moved := self._unpark(idle_for=self.max_idle):
+            with self._lock:
+                self._nconns_min += moved
+        super()._shrink_pool()
 
     def _putconn(self, conn: PooledConnection, from_getconn: bool) -> None:
         # Always in the returning thread. psycopg_pool hands returns to its
@@ -303,8 +394,15 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 
     # -- pool-wide operations ---------------------------------------------
 
+    def _get_measures(self) -> dict[str, int]:
+        # A parked connection is idle and any thread can take it.
+        measures = super()._get_measures()
+        measures[self._POOL_AVAILABLE] += len(self._parked)
+        return measures
+
     def check(self) -> None:
         """As psycopg_pool's, after collecting resets pending on idle connections."""
+        self._unpark()
         with self._lock:
             conns = list(self._pool)
         for conn in conns:
@@ -320,12 +418,19 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             # Inherited through fork: the parent owns its sockets and threads.
             self._disown()
             return
+        self._unpark()  # into the pool, which closes them
         super().close(timeout)
+        # Parked by a thread between the two calls above: nothing parks
+        # in a closed pool, so these are the last.
+        for conn in list(self._parked):
+            if self._parked.pop(conn, None) is not None:
+                self._close_connection(conn)
 
     def _disown(self) -> None:
         """Forget an inherited pool without I/O, locks or threads."""
         self._closed = True  # also keeps __del__ from signalling dead workers
-        conns = list(self._pool) + list(self._leased)
+        conns = list(self._pool) + list(self._leased) + list(self._parked)
+        self._parked.clear()
         for w in list(self._waiting):
             if w.conn is not None:
                 conns.append(w.conn)
@@ -377,6 +482,18 @@ def _socket_alive(conn: PooledConnection) -> bool:
         if conn._dpp_fatal or pgconn.status != _CONN_OK:
             return False
     return True
+
+
+def _reset_done(conn: PooledConnection) -> bool:
+    """Whether the answer to a pending session reset has arrived (no wait)."""
+    if not conn._dpp_reset_pending:
+        return True
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()  # libpq's socket is non-blocking: never waits
+    except psycopg.OperationalError:
+        return True  # broken: the checkout's own check will say so
+    return not pgconn.is_busy()
 
 
 def _forget_prepared_statements(conn: psycopg.Connection[Any]) -> None:
@@ -534,7 +651,7 @@ def release(conn: PooledConnection, generation: int) -> None:
         _neutralize(conn)
         conn.close()
         return
-    pool.putconn(conn)
+    pool.release(conn)
 
 
 def _after_fork_in_child() -> None:
