@@ -3,7 +3,7 @@
 Use it with ``DATABASES = {"default": {"ENGINE": "django_pooled_pg", ...}}``.
 """
 
-from .errors import PoolExhausted
+from .errors import PoolExhausted, ServerUnavailable
 
-__all__ = ["PoolExhausted"]
+__all__ = ["PoolExhausted", "ServerUnavailable"]
 __version__ = "0.1.0"

@@ -31,3 +31,18 @@ class PoolExhausted(PoolTimeout, DjangoOperationalError):
         self.in_use = in_use
         self.waiting = waiting
         self.waited = waited
+
+
+class ServerUnavailable(DjangoOperationalError):
+    """The server cannot be reached: every recent connection attempt failed.
+
+    Raised at once, while the pool holds no connection and keeps retrying
+    in the background, when the pool's ``fail_fast`` option is on (the
+    default). The message names the cause PostgreSQL or the network gave.
+    """
+
+    def __init__(self, message: str, *, alias: str = "", cause: str = "", failing_for: float = 0.0):
+        super().__init__(message)
+        self.alias = alias
+        self.cause = cause
+        self.failing_for = failing_for

@@ -164,6 +164,18 @@ OPTIONS: tuple[Option, ...] = (
         psycopg=False,
     ),
     Option(
+        "fail_fast",
+        True,
+        "True or False",
+        "While every connection attempt since the last success has failed and "
+        "the pool holds no connection, checkouts fail at once with "
+        "ServerUnavailable naming the cause (as Django without a pool fails at "
+        "once), instead of each waiting the full timeout; the pool keeps "
+        "retrying in the background. False: checkouts wait up to timeout.",
+        "bool",
+        psycopg=False,
+    ),
+    Option(
         "password_provider",
         None,
         "a callable returning the password, or its dotted path",
@@ -195,6 +207,7 @@ class PoolOptions:
     configure: Callable[[Any], None] | None
     reset: Callable[[Any], None] | None
     reset_session: bool
+    fail_fast: bool
     password_provider: Callable[[], str] | None
     check_given: bool  # a user's "check" (even None) overrides CONN_HEALTH_CHECKS
 

@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask
 
-from .errors import PoolExhausted
+from .errors import PoolExhausted, ServerUnavailable
 from .options import PoolOptions
 
 if TYPE_CHECKING:
@@ -101,6 +101,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self.alias = alias
         self.database = database  # (host, port, dbname), to find pools by database
         self.reset_session = options.reset_session
+        self.fail_fast = options.fail_fast
+        # Since when every connection attempt has failed, and the last cause.
+        self._failing_since: float | None = None
+        self._last_failure = ""
         self._user_configure = options.configure
         self._pid = os.getpid()
         self._leased: set[PooledConnection] = set()
@@ -143,6 +147,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                     self._add_to_pool(conn)
                 elif self._take(conn):
                     return conn
+        if self._failing_since is not None and self.fail_fast and self._holds_nothing():
+            with self._lock:
+                self._maybe_grow_pool()  # an attempt is always under way
+            raise self._unavailable()
         if timeout is None:
             timeout = self.timeout
         t0 = monotonic()
@@ -192,15 +200,38 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 return conn
         return super()._get_ready_connection(timeout)
 
+    def _holds_nothing(self) -> bool:
+        """No connection idle, parked or in use: none could come back."""
+        return not (self._pool or self._parked or self._leased)
+
+    def _unavailable(self) -> ServerUnavailable:
+        since = self._failing_since
+        failing_for = monotonic() - since if since is not None else 0.0
+        return ServerUnavailable(
+            f"Database alias {self.alias!r} is unavailable: connection attempts have "
+            f"failed for {failing_for:.1f} s, the last with: {self._last_failure}. "
+            "The pool keeps retrying and serves again as soon as one succeeds "
+            "(pool option fail_fast=False makes checkouts wait up to timeout instead).",
+            alias=self.alias,
+            cause=self._last_failure,
+            failing_for=failing_for,
+        )
+
     def _exhausted(self, why: str, t0: float) -> PoolExhausted:
         waited = monotonic() - t0
         waiting = sum(1 for w in list(self._waiting) if w.conn is None and w.error is None)
         in_use = len(self._leased)
+        cause = ""
+        if self._failing_since is not None:
+            cause = (
+                f" Connection attempts have been failing for "
+                f"{monotonic() - self._failing_since:.1f} s: {self._last_failure}."
+            )
         return PoolExhausted(
             f"Connection pool for database alias {self.alias!r} exhausted: {why} "
             f"(max_size={self.max_size}, in use={in_use}, waiting={waiting}, "
-            f"waited {waited:.2f} s). Return connections sooner, raise max_size, "
-            "or raise timeout.",
+            f"waited {waited:.2f} s).{cause} Return connections sooner, raise "
+            "max_size, or raise timeout.",
             alias=self.alias,
             max_size=self.max_size,
             in_use=in_use,
@@ -379,9 +410,41 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             )
 
     def _connect(self, timeout: float | None = None) -> PooledConnection:
-        conn = super()._connect(timeout)
+        try:
+            conn = super()._connect(timeout)
+        except Exception as exc:
+            self._connect_failed(exc)
+            raise
+        if self._failing_since is not None:
+            logger.warning(
+                "pool %r: connected again after %.1f s of failed attempts",
+                self.name,
+                monotonic() - self._failing_since,
+            )
+            self._failing_since = None
         _watch_for_fatal(conn)
         return conn
+
+    def _connect_failed(self, exc: Exception) -> None:
+        # psycopg's messages name the host, port, user and cause, never the
+        # password.
+        self._last_failure = " ".join(str(exc).split()) or type(exc).__name__
+        if self._failing_since is None:
+            self._failing_since = monotonic()
+            logger.warning(
+                "pool %r: cannot connect (%s); retrying in the background",
+                self.name,
+                self._last_failure,
+            )
+        if self.fail_fast and self._holds_nothing():
+            # Clients already waiting would wait for nothing until timeout.
+            with self._lock:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            if waiting:
+                error = self._unavailable()
+                for client in waiting:
+                    client.fail(error)
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         # psycopg_pool retries a failed connect after 1 s, then doubles the

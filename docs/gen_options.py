@@ -31,6 +31,7 @@ BAD_VALUES: dict[str, Any] = {
     "max_lifetime": 0, "max_idle": 0, "reconnect_timeout": 0, "num_workers": 0,
     "name": "", "check": "myapp.nowhere.check", "configure": 42, "reset": 42,
     "reset_session": "yes", "password_provider": "myapp.nowhere.token",
+    "fail_fast": "yes",
 }
 
 

@@ -185,14 +185,15 @@ def test_assume_role_holds_after_reset(make_wrapper: Make, role: str) -> None:
     assert fetch(wrapper, "SELECT current_user") == role
 
 
-def test_isolation_level_holds_on_every_checkout(make_wrapper: Make) -> None:
-    wrapper = make_wrapper(
-        pool={"min_size": 0, "max_size": 1},
-        options={"isolation_level": psycopg.IsolationLevel.REPEATABLE_READ},
-    )
-    for _ in range(2):
+@pytest.mark.parametrize("level", list(psycopg.IsolationLevel), ids=lambda level: level.name)
+def test_isolation_level_holds_on_every_checkout(make_wrapper: Make, level: psycopg.IsolationLevel) -> None:
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1}, options={"isolation_level": level})
+    expected = level.name.lower().replace("_", " ")
+    if level == psycopg.IsolationLevel.READ_UNCOMMITTED:
+        expected = "read uncommitted"  # PostgreSQL runs it as read committed
+    for _ in range(3):
         wrapper.set_autocommit(False)
-        assert fetch(wrapper, "SHOW transaction_isolation") == "repeatable read"
+        assert fetch(wrapper, "SHOW transaction_isolation") == expected
         wrapper.rollback()
         wrapper.set_autocommit(True)
         wrapper.close()

@@ -1,0 +1,498 @@
+"""Fault injection: what the application sees when things break, and recovery.
+
+Each test starts its own PostgreSQL cluster (and, where the network is the
+subject, a TCP proxy between the engine and the server), breaks it, and
+asserts the error, how long it took, and that the pool serves again with no
+capacity lost.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from django.db import DatabaseError, OperationalError
+
+from django_pooled_pg import PoolExhausted, ServerUnavailable
+from django_pooled_pg.base import DatabaseWrapper
+from tests.helpers import private_settings
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.slow
+
+
+def query(wrapper: DatabaseWrapper, sql: str = "SELECT pg_backend_pid()") -> Any:
+    with wrapper.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchone()[0]
+
+
+def request(wrapper: DatabaseWrapper, sql: str = "SELECT pg_backend_pid()") -> Any:
+    """One request: check out, query, return (as close_old_connections does)."""
+    try:
+        return query(wrapper, sql)
+    finally:
+        wrapper.close()
+
+
+@pytest.fixture
+def make_pooled(private_server) -> Iterator[Callable[..., DatabaseWrapper]]:
+    """Pooled wrappers on the private cluster: ``make_pooled(port=..., **pool)``."""
+    made: list[DatabaseWrapper] = []
+
+    def make(port: int | None = None, options: dict[str, Any] | None = None, **pool: Any) -> DatabaseWrapper:
+        s = private_settings(private_server, OPTIONS={"pool": pool, **(options or {})})
+        if port is not None:
+            s["PORT"] = str(port)
+        wrapper = DatabaseWrapper(s, f"fault{len(made)}")
+        made.append(wrapper)
+        return wrapper
+
+    yield make
+    for wrapper in made:
+        wrapper.close()
+        wrapper.close_pool()
+
+
+def admin_connect(server) -> psycopg.Connection[Any]:
+    return psycopg.connect(**server.conninfo("postgres"), autocommit=True)
+
+
+# -- 1. the server stops and starts under load ------------------------------
+
+
+class Load:
+    """Threads doing requests back to back, recording each outcome."""
+
+    def __init__(self, wrapper: DatabaseWrapper, threads: int = 4) -> None:
+        self.wrapper = wrapper
+        self.results: list[tuple[float, float, BaseException | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self) -> None:
+        wrapper = self.wrapper.copy()
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            error: BaseException | None = None
+            try:
+                request(wrapper, "SELECT pg_backend_pid(), pg_sleep(0.005)")
+            except Exception as exc:
+                error = exc
+                time.sleep(0.02)
+            self.results.append((t0, time.monotonic(), error))
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest.mark.parametrize("fail_fast", [True, False], ids=["fail_fast", "wait"])
+def test_server_restart_under_load(private_server, make_pooled, mode: str, fail_fast: bool) -> None:
+    timeout = 1.5
+    wrapper = make_pooled(min_size=2, max_size=4, timeout=timeout, fail_fast=fail_fast)
+    request(wrapper)
+    with Load(wrapper) as load:
+        time.sleep(0.5)
+        down = time.monotonic()
+        private_server.stop(mode)
+        time.sleep(3.0)
+        private_server.start()  # returns once the server accepts connections
+        up = time.monotonic()
+        time.sleep(2.0)
+    during = [r for r in load.results if down < r[0] < up]
+    failed = [r for r in during if r[2] is not None]
+    assert failed, "no request ran while the server was down"
+    for t0, t1, error in failed:
+        assert isinstance(error, OperationalError), repr(error)
+        assert t1 - t0 < timeout + 0.5, (t1 - t0, error)
+    if fail_fast:
+        assert all(isinstance(e, ServerUnavailable) for _, _, e in failed[1:])
+        assert "refused" in str(failed[-1][2]) or "shutting down" in str(failed[-1][2])
+    first_ok = min(t1 for t0, t1, e in load.results if e is None and t0 >= up)
+    assert first_ok - up < 1.0, first_ok - up  # serving again within 1 s
+    late_failures = [r for r in load.results if r[2] is not None and r[0] >= first_ok]
+    assert not late_failures, late_failures[:3]  # no stale connection afterwards
+    pool = wrapper.pool
+    assert pool.get_stats()["pool_size"] <= 4
+    assert not pool._leased
+
+
+# -- 2. a backend terminated in the middle of a request -----------------------
+
+
+def test_terminated_mid_request_fails_that_request_only(private_server, make_pooled) -> None:
+    wrapper = make_pooled(min_size=1, max_size=1, timeout=2)
+    victim = request(wrapper)
+    box: dict[str, Any] = {}
+
+    def long_request() -> None:
+        t0 = time.monotonic()
+        try:
+            request(wrapper.copy(), "SELECT pg_sleep(10)")
+        except Exception as exc:
+            box["error"] = exc
+        box["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    with admin_connect(private_server) as admin:
+        deadline = time.monotonic() + 5
+        while not admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", [victim]
+        ).fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        admin.execute("SELECT pg_terminate_backend(%s)", [victim])
+    t.join(10)
+    assert isinstance(box.get("error"), OperationalError), box
+    assert "terminat" in str(box["error"])
+    assert box["took"] < 5
+    # Discarded, not returned: the next request gets a new session at once.
+    t0 = time.monotonic()
+    assert request(wrapper) != victim
+    assert time.monotonic() - t0 < 1.0
+    assert wrapper.pool.get_stats()["pool_size"] == 1
+
+
+# -- 3. a network that goes silent ---------------------------------------------
+
+
+def test_black_holed_network_fails_in_time_and_recovers(private_server, make_pooled) -> None:
+    proxy = Proxy(private_server.host, private_server.port)
+    try:
+        timeout, connect_timeout = 1.0, 2
+        wrapper = make_pooled(
+            port=proxy.port, min_size=0, max_size=2, timeout=timeout,
+            options={"connect_timeout": connect_timeout},
+        )
+        request(wrapper)
+        wrapper.close_pool()  # no connection open: the next checkout needs a new one
+        proxy.blackhole()
+        silent = time.monotonic()
+        for _ in range(2):
+            t0 = time.monotonic()
+            with pytest.raises(OperationalError):
+                request(wrapper)
+            assert time.monotonic() - t0 < timeout + connect_timeout + 0.5
+        # The pool's own attempt ends at connect_timeout: its worker is free again.
+        pool = wrapper.pool
+        deadline = silent + connect_timeout + 3
+        while pool.get_stats().get("connections_errors", 0) == 0:
+            assert time.monotonic() < deadline, "a worker is stuck on a silent connection"
+            time.sleep(0.05)
+        proxy.resume()
+        back = time.monotonic()
+        while True:
+            try:
+                request(wrapper)
+                break
+            except OperationalError:
+                assert time.monotonic() - back < 2.0, "not serving 2 s after the network came back"
+                time.sleep(0.05)
+        # No capacity lost: both connections at once.
+        first, second = wrapper.copy(), wrapper.copy()
+        try:
+            assert query(first) != query(second)
+        finally:
+            first.close()
+            second.close()
+    finally:
+        proxy.close()
+
+
+# -- 4. causes that are not outages: each named, no retry storm, recovery -------
+
+
+def attempts_per_second(proxy: Proxy, seconds: float) -> list[int]:
+    start = time.monotonic()
+    time.sleep(seconds)
+    return [proxy.attempts_between(start + i, start + i + 1) for i in range(int(seconds))]
+
+
+def check_cause(wrapper: DatabaseWrapper, proxy: Proxy, cause: str, password: str) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(OperationalError) as info:
+        request(wrapper)
+    assert time.monotonic() - t0 < 2.5
+    message = str(info.value)
+    assert re.search(cause, message), message
+    assert password not in message
+    # Retrying in the background at a bounded, backing-off rate.
+    rates = attempts_per_second(proxy, 3)
+    assert max(rates) <= 12, rates
+    assert sum(rates) >= 3, rates  # still retrying
+    # Every later checkout fails at once (fail_fast), with the same cause.
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=cause):
+        request(wrapper)
+    assert time.monotonic() - t0 < 0.2
+
+
+def recovers(wrapper: DatabaseWrapper) -> None:
+    back = time.monotonic()
+    while True:
+        try:
+            request(wrapper)
+            return
+        except OperationalError:
+            assert time.monotonic() - back < 2.0, "the pool did not recover on its own"
+            time.sleep(0.05)
+
+
+def test_wrong_password_is_named_and_recovers(private_server, make_pooled) -> None:
+    proxy = Proxy(private_server.host, private_server.port)
+    good = private_server.password
+    wrong = "Not-The-Password-42"
+    with admin_connect(private_server) as admin:
+        admin.execute("CREATE ROLE rotating LOGIN PASSWORD %s" % psycopg.sql.quote(wrong))  # noqa: UP031
+        try:
+            wrapper = make_pooled(port=proxy.port, min_size=1, max_size=2, timeout=2)
+            wrapper.settings_dict.update(USER="rotating", PASSWORD=good)  # not its password
+            check_cause(wrapper, proxy, "password authentication failed", good)
+            admin.execute("ALTER ROLE rotating PASSWORD %s" % psycopg.sql.quote(good))  # noqa: UP031
+            recovers(wrapper)
+        finally:
+            proxy.close()
+
+
+def test_role_without_login_is_named_and_recovers(private_server, make_pooled) -> None:
+    proxy = Proxy(private_server.host, private_server.port)
+    with admin_connect(private_server) as admin:
+        admin.execute("CREATE ROLE nologin_role NOLOGIN PASSWORD %s" % psycopg.sql.quote(private_server.password))  # noqa: UP031
+        try:
+            wrapper = make_pooled(port=proxy.port, min_size=1, max_size=2, timeout=2)
+            wrapper.settings_dict["USER"] = "nologin_role"
+            check_cause(wrapper, proxy, "not permitted to log in", private_server.password)
+            admin.execute("ALTER ROLE nologin_role LOGIN")
+            recovers(wrapper)
+        finally:
+            proxy.close()
+
+
+def test_dropped_database_is_named_and_recovers(private_server, make_pooled) -> None:
+    proxy = Proxy(private_server.host, private_server.port)
+    with admin_connect(private_server) as admin:
+        admin.execute("CREATE DATABASE doomed")
+        try:
+            wrapper = make_pooled(port=proxy.port, min_size=1, max_size=2, timeout=2)
+            wrapper.settings_dict["NAME"] = "doomed"
+            request(wrapper)
+            wrapper.close_pool()
+            admin.execute("DROP DATABASE doomed WITH (FORCE)")
+            check_cause(wrapper, proxy, 'database "doomed" does not exist', private_server.password)
+            admin.execute("CREATE DATABASE doomed")
+            recovers(wrapper)
+        finally:
+            proxy.close()
+
+
+def test_too_many_clients_is_named_and_recovers(private_server, make_pooled) -> None:
+    proxy = Proxy(private_server.host, private_server.port)
+    hogs: list[psycopg.Connection[Any]] = []
+    with admin_connect(private_server) as admin:
+        limit = int(admin.execute("SHOW max_connections").fetchone()[0])
+        reserved = int(admin.execute("SHOW superuser_reserved_connections").fetchone()[0])
+        admin.execute("CREATE ROLE plain LOGIN PASSWORD %s" % psycopg.sql.quote(private_server.password))  # noqa: UP031
+        admin.execute("GRANT ALL ON DATABASE private TO plain")
+    try:
+        info = private_server.conninfo("private")
+        # Fill every slot an ordinary role may use.
+        while True:
+            try:
+                hogs.append(psycopg.connect(**{**info, "user": "plain"}))
+            except psycopg.OperationalError:
+                break
+            assert len(hogs) <= limit - reserved
+        wrapper = make_pooled(port=proxy.port, min_size=1, max_size=2, timeout=2)
+        wrapper.settings_dict["USER"] = "plain"
+        # PostgreSQL says "too many clients", or, with superuser slots left,
+        # "remaining connection slots are reserved".
+        check_cause(wrapper, proxy, "(too many clients|remaining connection slots are reserved)", private_server.password)
+        for hog in hogs[:5]:
+            hog.close()
+        recovers(wrapper)
+    finally:
+        for hog in hogs:
+            hog.close()
+        proxy.close()
+
+
+# -- 6. server-side timeouts -------------------------------------------------------
+
+
+def test_statement_timeout_fails_the_query_and_the_next_request_is_clean(make_pooled) -> None:
+    wrapper = make_pooled(min_size=1, max_size=1, options={"options": "-c statement_timeout=200"})
+    pid = request(wrapper)
+    with pytest.raises(OperationalError, match="statement timeout"):
+        request(wrapper, "SELECT pg_sleep(2)")
+    wrapper.set_autocommit(False)
+    with pytest.raises(OperationalError, match="statement timeout"):
+        query(wrapper, "SELECT pg_sleep(2)")  # inside a transaction, now aborted
+    wrapper.close()  # rolled back at return
+    assert request(wrapper) == pid  # the same session, usable
+    assert request(wrapper, "SELECT pg_current_xact_id_if_assigned() IS NULL")
+
+
+def test_idle_in_transaction_timeout_kills_only_that_session(make_pooled) -> None:
+    wrapper = make_pooled(
+        min_size=1, max_size=1, timeout=2,
+        options={"options": "-c idle_in_transaction_session_timeout=300"},
+    )
+    wrapper.set_autocommit(False)
+    victim = query(wrapper)
+    time.sleep(1.0)  # the server ends the idle transaction's session
+    with pytest.raises(DatabaseError, match="idle-in-transaction timeout"):
+        query(wrapper)
+    wrapper.close()  # discarded, not returned to the pool
+    assert request(wrapper) != victim
+
+
+# -- 7. requests that end badly ---------------------------------------------------
+
+
+def test_exception_inside_atomic_leaves_a_clean_connection(make_pooled) -> None:
+    wrapper = make_pooled(min_size=1, max_size=1)
+    wrapper.settings_dict["ATOMIC_REQUESTS"] = False
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        wrapper.set_autocommit(False)
+        with wrapper.cursor() as cursor:
+            cursor.execute("CREATE TEMP TABLE half_done (x int)")
+        raise Boom
+    wrapper.close()  # mid-transaction: rolled back at return
+    assert request(wrapper, "SELECT count(*) FROM pg_class WHERE relname = 'half_done'") == 0
+    assert request(wrapper, "SELECT pg_current_xact_id_if_assigned() IS NULL")
+
+
+def test_open_server_side_cursor_does_not_survive_the_request(make_pooled) -> None:
+    wrapper = make_pooled(min_size=1, max_size=1)
+    wrapper.ensure_connection()
+    cursor = wrapper.chunked_cursor()  # what QuerySet.iterator() uses
+    cursor.execute("SELECT generate_series(1, 10000)")
+    cursor.fetchmany(10)  # abandoned half read
+    wrapper.close()
+    assert request(wrapper, "SELECT count(*) FROM pg_cursors") == 0
+
+
+def test_signal_handler_raising_mid_query_discards_the_connection(make_pooled) -> None:
+    wrapper = make_pooled(min_size=1, max_size=1, timeout=2)
+    victim = request(wrapper)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            query(wrapper, "SELECT pg_sleep(3)")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    wrapper.close()  # a connection in the middle of a query is not reused as is
+    t0 = time.monotonic()
+    pid = request(wrapper)
+    assert time.monotonic() - t0 < 1.0  # not behind the interrupted query
+    if pid == victim:  # psycopg cancelled the query cleanly: then it is idle
+        assert request(wrapper, "SELECT 1") == 1
+
+
+# -- 8. a crowd on a small pool with a bounded queue --------------------------------
+
+
+def test_crowd_gets_exactly_the_expected_rejections(make_pooled) -> None:
+    wrapper = make_pooled(min_size=4, max_size=4, max_waiting=20, timeout=20)
+    request(wrapper)
+    pool = wrapper.pool
+    deadline = time.monotonic() + 10
+    while pool.get_stats()["pool_available"] < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    barrier = threading.Barrier(100)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        twin = wrapper.copy()
+        barrier.wait(30)
+        try:
+            request(twin, "SELECT pg_sleep(0.5)")
+            result = "ok"
+        except PoolExhausted as exc:
+            result = "rejected" if "queue is full (max_waiting=20)" in str(exc) else f"other: {exc}"
+        except Exception as exc:
+            result = f"error: {exc!r}"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert outcomes.count("ok") == 24, sorted(set(outcomes))
+    assert outcomes.count("rejected") == 76
+    stats = pool.get_stats()
+    assert not pool._leased
+    assert stats["pool_available"] == stats["pool_size"] == 4  # none lost
+
+
+# -- 9. fork while the server is down -------------------------------------------------
+
+
+def test_fork_while_the_server_is_down(private_server, make_pooled) -> None:
+    wrapper = make_pooled(min_size=1, max_size=2, timeout=1)
+    parent_pid = request(wrapper)
+    twin = wrapper.copy()
+    held = query(twin)  # the parent holds a connection across the outage
+    private_server.stop("fast")
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            with pytest.raises(OperationalError):
+                request(wrapper)
+            os.read(read, 1)  # the parent started the server again
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    request(wrapper)
+                    code = 0
+                    break
+                except OperationalError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+        finally:
+            os._exit(code)
+    private_server.start()
+    os.write(write, b"x")
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent: its own connections died with the server; its pool heals.
+    twin.close()
+    recovers(wrapper)
+    assert held and parent_pid
