@@ -20,7 +20,14 @@ from . import pool as pools
 from .checks import check_pool_options
 from .creation import DatabaseCreation
 from .errors import PoolExhausted
-from .options import DEFAULT_CONNECT_TIMEOUT, OptionError, PoolOptions, parse, psycopg_pool_kwargs
+from .options import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TCP_SETTINGS,
+    OptionError,
+    PoolOptions,
+    parse,
+    psycopg_pool_kwargs,
+)
 from .pool import DjangoPool, PooledConnection
 
 PERSISTENT_CONNECTIONS_MESSAGE = (
@@ -132,6 +139,8 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         params = super().get_connection_params()
         params["autocommit"] = True  # Django sets its own at checkout
         params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+        for key, value in DEFAULT_TCP_SETTINGS.items():
+            params.setdefault(key, value)
         # Time zone and role as session defaults, from the startup packet:
         # they cost no statement, and DISCARD ALL restores them.
         startup = [f"-c TimeZone={_libpq_options_escape(self.timezone_name)}"]

@@ -21,6 +21,20 @@ from django.utils.module_loading import import_string
 #: fail a connection attempt long before a web worker is killed.
 DEFAULT_CONNECT_TIMEOUT = 5
 
+#: libpq TCP settings the engine sets when OPTIONS has none of its own. A
+#: peer that vanished (a dropped network, a host that died) is noticed after
+#: about 90 s of silence on an idle connection (keepalives) and after 30 s of
+#: unacknowledged data on a busy one (tcp_user_timeout), instead of the
+#: kernel's defaults of hours and about 15 minutes. Neither ends a slow query
+#: on a server that is alive: its TCP stack keeps acknowledging.
+DEFAULT_TCP_SETTINGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 60,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
+
 
 class OptionError(ValueError):
     """One invalid pool option; the message names the option and what is accepted."""

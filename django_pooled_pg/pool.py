@@ -61,6 +61,7 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_owner: weakref.ref[DatabaseWrapper] | None = None
     _dpp_pool: DjangoPool | None = None
     _dpp_fatal: bool = False  # the server said FATAL: it is closing the session
+    _dpp_deadline: float | None = None  # of the checkout that is taking it
 
 
 def _watch_for_fatal(conn: PooledConnection) -> None:
@@ -135,6 +136,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         """
         self._check_open_getconn()
         self._stats[self._REQUESTS_NUM] += 1
+        if timeout is None:
+            timeout = self.timeout
+        t0 = monotonic()
+        deadline = t0 + timeout
         local = self._local
         conn: PooledConnection | None = getattr(local, "parked", None)
         if conn is not None:
@@ -145,16 +150,12 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                     # Its reset is still in flight and a connection in the
                     # pool is idle: take that one, let this one finish.
                     self._add_to_pool(conn)
-                elif self._take(conn):
+                elif self._take(conn, deadline):
                     return conn
         if self._failing_since is not None and self.fail_fast and self._holds_nothing():
             with self._lock:
                 self._maybe_grow_pool()  # an attempt is always under way
             raise self._unavailable()
-        if timeout is None:
-            timeout = self.timeout
-        t0 = monotonic()
-        deadline = t0 + timeout
         while True:
             try:
                 conn = self._getconn_unchecked(deadline - monotonic())
@@ -166,11 +167,12 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 raise self._exhausted(
                     f"the queue is full (max_waiting={self.max_waiting})", t0
                 ) from None
-            if self._take(conn):
+            if self._take(conn, deadline):
                 return conn
 
-    def _take(self, conn: PooledConnection) -> bool:
+    def _take(self, conn: PooledConnection, deadline: float) -> bool:
         """Lease a connection taken from the pool, or discard it if unfit."""
+        conn._dpp_deadline = deadline
         if conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
             self._close_connection(conn)
             self._return_connection(conn, from_getconn=True)
@@ -376,15 +378,23 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         conn._dpp_reset_pending = False
         pgconn = conn.pgconn
         fd = pgconn.socket
+        # A server that hangs, or a network gone silent, never answers: give
+        # up when the checkout's time is up, and discard the connection.
+        deadline = conn._dpp_deadline or monotonic() + self.timeout
         poller = None
         while True:
             pgconn.consume_input()
             if not pgconn.is_busy():
                 break
+            left = deadline - monotonic()
+            if left <= 0:
+                raise psycopg.OperationalError(
+                    f"no answer to the session reset within {self.timeout:g} s"
+                )
             if poller is None:
                 poller = select.poll()
                 poller.register(fd, select.POLLIN)
-            poller.poll(1000 * max(self.timeout, 1.0))
+            poller.poll(1000 * left)
         error = None
         while (res := pgconn.get_result()) is not None:
             if res.status != pq.ExecStatus.COMMAND_OK:

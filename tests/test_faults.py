@@ -13,7 +13,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -22,6 +22,7 @@ from django.db import DatabaseError, OperationalError
 
 from django_pooled_pg import PoolExhausted, ServerUnavailable
 from django_pooled_pg.base import DatabaseWrapper
+from tests.conftest import Make
 from tests.helpers import private_settings
 from tests.proxy import Proxy
 
@@ -43,22 +44,16 @@ def request(wrapper: DatabaseWrapper, sql: str = "SELECT pg_backend_pid()") -> A
 
 
 @pytest.fixture
-def make_pooled(private_server) -> Iterator[Callable[..., DatabaseWrapper]]:
+def make_pooled(private_server, make_wrapper: Make) -> Callable[..., DatabaseWrapper]:
     """Pooled wrappers on the private cluster: ``make_pooled(port=..., **pool)``."""
-    made: list[DatabaseWrapper] = []
 
     def make(port: int | None = None, options: dict[str, Any] | None = None, **pool: Any) -> DatabaseWrapper:
-        s = private_settings(private_server, OPTIONS={"pool": pool, **(options or {})})
+        settings = private_settings(private_server)
         if port is not None:
-            s["PORT"] = str(port)
-        wrapper = DatabaseWrapper(s, f"fault{len(made)}")
-        made.append(wrapper)
-        return wrapper
+            settings["PORT"] = str(port)
+        return make_wrapper(pool=pool, options=options, settings=settings)
 
-    yield make
-    for wrapper in made:
-        wrapper.close()
-        wrapper.close_pool()
+    return make
 
 
 def admin_connect(server) -> psycopg.Connection[Any]:
@@ -215,6 +210,27 @@ def test_black_holed_network_fails_in_time_and_recovers(private_server, make_poo
         proxy.close()
 
 
+def test_reset_answer_that_never_comes_fails_the_checkout_in_time(private_server, make_pooled) -> None:
+    """A connection returned just as the network went silent: its session
+    reset is never answered; the next checkout gives up on it at timeout."""
+    proxy = Proxy(private_server.host, private_server.port)
+    try:
+        wrapper = make_pooled(
+            port=proxy.port, min_size=1, max_size=1, timeout=1.0, options={"connect_timeout": 2}
+        )
+        query(wrapper)
+        proxy.blackhole()
+        wrapper.close()  # DISCARD ALL goes into the silence
+        t0 = time.monotonic()
+        with pytest.raises(OperationalError):
+            request(wrapper)
+        assert time.monotonic() - t0 < 1.0 + 0.5
+        proxy.resume()
+        recovers(wrapper)
+    finally:
+        proxy.close()
+
+
 # -- 4. causes that are not outages: each named, no retry storm, recovery -------
 
 
@@ -254,48 +270,47 @@ def recovers(wrapper: DatabaseWrapper) -> None:
             time.sleep(0.05)
 
 
-def test_wrong_password_is_named_and_recovers(private_server, make_pooled) -> None:
-    proxy = Proxy(private_server.host, private_server.port)
-    good = private_server.password
-    wrong = "Not-The-Password-42"
-    with admin_connect(private_server) as admin:
-        admin.execute("CREATE ROLE rotating LOGIN PASSWORD %s" % psycopg.sql.quote(wrong))  # noqa: UP031
-        try:
-            wrapper = make_pooled(port=proxy.port, min_size=1, max_size=2, timeout=2)
-            wrapper.settings_dict.update(USER="rotating", PASSWORD=good)  # not its password
-            check_cause(wrapper, proxy, "password authentication failed", good)
-            admin.execute("ALTER ROLE rotating PASSWORD %s" % psycopg.sql.quote(good))  # noqa: UP031
-            recovers(wrapper)
-        finally:
-            proxy.close()
+CAUSES = {
+    # name: (SQL before, settings, SQL that breaks, the cause named, SQL that fixes)
+    "wrong_password": (
+        ["CREATE ROLE rotating LOGIN PASSWORD 'Not-The-Password-42'"],
+        {"USER": "rotating"}, [], "password authentication failed",
+        ["ALTER ROLE rotating PASSWORD {password}"],
+    ),
+    "role_without_login": (
+        ["CREATE ROLE nologin_role NOLOGIN PASSWORD {password}"],
+        {"USER": "nologin_role"}, [], "not permitted to log in",
+        ["ALTER ROLE nologin_role LOGIN"],
+    ),
+    "dropped_database": (
+        ["CREATE DATABASE doomed"],
+        {"NAME": "doomed"}, ["DROP DATABASE doomed WITH (FORCE)"], 'database "doomed" does not exist',
+        ["CREATE DATABASE doomed"],
+    ),
+}  # fmt: skip
 
 
-def test_role_without_login_is_named_and_recovers(private_server, make_pooled) -> None:
-    proxy = Proxy(private_server.host, private_server.port)
-    with admin_connect(private_server) as admin:
-        admin.execute("CREATE ROLE nologin_role NOLOGIN PASSWORD %s" % psycopg.sql.quote(private_server.password))  # noqa: UP031
-        try:
-            wrapper = make_pooled(port=proxy.port, min_size=1, max_size=2, timeout=2)
-            wrapper.settings_dict["USER"] = "nologin_role"
-            check_cause(wrapper, proxy, "not permitted to log in", private_server.password)
-            admin.execute("ALTER ROLE nologin_role LOGIN")
-            recovers(wrapper)
-        finally:
-            proxy.close()
+@pytest.mark.parametrize("case", list(CAUSES))
+def test_connection_refused_for_a_cause_names_it_and_recovers(private_server, make_pooled, case: str) -> None:
+    before, settings, breaks, cause, fixes = CAUSES[case]
+    password = private_server.password
 
+    def run(statements: list[str]) -> None:
+        for statement in statements:
+            admin.execute(statement.format(password=psycopg.sql.quote(password)))
 
-def test_dropped_database_is_named_and_recovers(private_server, make_pooled) -> None:
     proxy = Proxy(private_server.host, private_server.port)
     with admin_connect(private_server) as admin:
-        admin.execute("CREATE DATABASE doomed")
         try:
+            run(before)
             wrapper = make_pooled(port=proxy.port, min_size=1, max_size=2, timeout=2)
-            wrapper.settings_dict["NAME"] = "doomed"
-            request(wrapper)
-            wrapper.close_pool()
-            admin.execute("DROP DATABASE doomed WITH (FORCE)")
-            check_cause(wrapper, proxy, 'database "doomed" does not exist', private_server.password)
-            admin.execute("CREATE DATABASE doomed")
+            wrapper.settings_dict.update(settings)
+            if breaks:
+                request(wrapper)  # works, until...
+                wrapper.close_pool()
+                run(breaks)
+            check_cause(wrapper, proxy, cause, password)
+            run(fixes)
             recovers(wrapper)
         finally:
             proxy.close()

@@ -273,3 +273,20 @@ def test_passwords_never_appear(make_wrapper: Make, caplog) -> None:
     for text in texts:
         assert SECRET not in text
         assert password not in text
+
+
+def test_tcp_settings_have_defaults_that_options_override(make_wrapper: Make) -> None:
+    """A vanished peer is noticed in about a minute, not hours; OPTIONS win."""
+    from django_pooled_pg.options import DEFAULT_TCP_SETTINGS
+
+    wrapper = make_wrapper(pool={"max_size": 1})
+    wrapper.ensure_connection()
+    params = wrapper.connection.info.get_parameters()
+    for key, value in DEFAULT_TCP_SETTINGS.items():
+        assert params[key] == str(value), key
+    custom = make_wrapper(pool={"max_size": 1}, options={"keepalives_idle": 7, "tcp_user_timeout": 0})
+    custom.ensure_connection()
+    params = custom.connection.info.get_parameters()
+    assert params["keepalives_idle"] == "7"
+    assert params["tcp_user_timeout"] == "0"
+    assert params["keepalives_count"] == "3"

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""A 5 s outage under load, with fail_fast on and off: what requests see.
+
+    .venv/bin/python bench/outage.py [--threads 8] [--outage 5] [--rounds 3]
+
+Starts a throwaway PostgreSQL of its own, runs request loops (check out,
+``SELECT 1``, return) from several threads, stops the server (fast
+shutdown) for the outage, starts it again, and reports per setting: requests
+failed during the outage, their latency (median, max), and the time from the
+server accepting connections again to the first successful request.
+Medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "testproject"), str(ROOT)]
+
+import throwaway_pg  # noqa: E402
+
+
+def run_once(
+    server: throwaway_pg.ThrowawayServer, fail_fast: bool, threads: int, outage: float
+) -> dict[str, float]:
+    from django.db import OperationalError
+
+    from django_pooled_pg.base import DatabaseWrapper
+
+    settings: dict[str, Any] = {
+        "ENGINE": "django_pooled_pg",
+        "NAME": "private",
+        "USER": server.user,
+        "PASSWORD": server.password,
+        "HOST": server.host,
+        "PORT": str(server.port),
+        "OPTIONS": {"pool": {"min_size": 4, "max_size": 8, "timeout": 10, "fail_fast": fail_fast}},
+        "CONN_MAX_AGE": 0,
+        "CONN_HEALTH_CHECKS": False,
+        "AUTOCOMMIT": True,
+        "ATOMIC_REQUESTS": False,
+        "TIME_ZONE": None,
+        "TEST": {},
+    }
+    wrapper = DatabaseWrapper(settings, f"outage_{fail_fast}")
+    results: list[tuple[float, float, bool]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        w = wrapper.copy()
+        while not stop.is_set():
+            t0 = time.monotonic()
+            ok = True
+            try:
+                with w.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+            except OperationalError:
+                ok = False
+            finally:
+                w.close()
+            results.append((t0, time.monotonic(), ok))
+            if not ok:
+                time.sleep(0.01)  # a client backing off a little, as a web worker would not
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    time.sleep(1.0)
+    down = time.monotonic()
+    server.stop("fast")
+    time.sleep(outage)
+    server.start()
+    up = time.monotonic()
+    time.sleep(3.0)
+    stop.set()
+    for t in workers:
+        t.join(60)
+    wrapper.close_pool()
+    failed = [t1 - t0 for t0, t1, ok in results if not ok and t0 >= down]
+    first_ok = min((t1 for t0, t1, ok in results if ok and t1 >= up), default=float("nan"))
+    return {
+        "failed": len(failed),
+        "failed_p50_ms": 1000 * statistics.median(failed) if failed else 0.0,
+        "failed_max_ms": 1000 * max(failed) if failed else 0.0,
+        "first_success_s": first_ok - up,
+        "served_during": sum(1 for t0, t1, ok in results if ok and down <= t0 < up),
+        "slowest_s": max((t1 - t0 for t0, t1, ok in results if t0 >= down - 1), default=0.0),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--outage", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    from django.conf import settings
+
+    settings.configure(USE_TZ=True, TIME_ZONE="UTC", INSTALLED_APPS=[])
+    import django
+
+    django.setup()
+    server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
+    server.init()
+    server.start()
+    server.createdb("private")
+    try:
+        runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+        for _ in range(args.rounds):
+            for fail_fast in (True, False):
+                runs[fail_fast].append(run_once(server, fail_fast, args.threads, args.outage))
+    finally:
+        server.destroy()
+    print(f"{args.outage:.0f} s outage, {args.threads} threads, medians of {args.rounds} rounds\n")
+    print(
+        "| fail_fast | requests failed | failed: median latency | failed: max latency "
+        "| slowest request | first success after restart |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for fail_fast, rows in runs.items():
+
+        def med(key: str, rows: list[dict[str, float]] = rows) -> float:
+            return statistics.median(r[key] for r in rows)
+
+        print(
+            f"| {fail_fast} | {med('failed'):.0f} | {med('failed_p50_ms'):.1f} ms | "
+            f"{med('failed_max_ms'):.0f} ms | {med('slowest_s'):.2f} s | "
+            f"{1000 * med('first_success_s'):.0f} ms |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

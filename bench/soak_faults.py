@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Soak under intermittent faults: load for minutes, a fault every 30 s.
+
+    .venv/bin/python bench/soak_faults.py [--minutes 10] [--interval 30] [--threads 8]
+
+Starts a throwaway PostgreSQL and a TCP proxy in front of it, runs request
+loops from several threads through the pooled engine, and injects in turn:
+a fast restart, an immediate restart, pg_terminate_backend() of every pooled
+session, and a 5 s network black hole. Reports errors inside and outside the
+fault windows (a window is the fault plus 3 s), connections lost (in use +
+idle = size at the end, none left checked out), and RSS at the start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "testproject"), str(ROOT)]
+
+import psycopg  # noqa: E402
+
+import throwaway_pg  # noqa: E402
+from tests.proxy import Proxy  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--interval", type=float, default=30)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args()
+
+    from django.conf import settings
+
+    settings.configure(USE_TZ=True, TIME_ZONE="UTC", INSTALLED_APPS=[])
+    import django
+
+    django.setup()
+    from django.db import OperationalError
+
+    from django_pooled_pg.base import DatabaseWrapper
+
+    server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
+    server.init()
+    server.start()
+    server.createdb("private")
+    proxy = Proxy(server.host, server.port)
+    db: dict[str, Any] = {
+        "ENGINE": "django_pooled_pg",
+        "NAME": "private",
+        "USER": server.user,
+        "PASSWORD": server.password,
+        "HOST": server.host,
+        "PORT": str(proxy.port),
+        "OPTIONS": {"pool": {"min_size": 2, "max_size": 4, "timeout": 3}, "connect_timeout": 2},
+        "CONN_MAX_AGE": 0,
+        "CONN_HEALTH_CHECKS": False,
+        "AUTOCOMMIT": True,
+        "ATOMIC_REQUESTS": False,
+        "TIME_ZONE": None,
+        "TEST": {},
+    }
+    wrapper = DatabaseWrapper(db, "soak")
+    outcomes: list[tuple[float, bool]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        w = wrapper.copy()
+        while not stop.is_set():
+            ok = True
+            try:
+                with w.cursor() as cursor:
+                    cursor.execute("SELECT count(*) FROM pg_class")
+            except OperationalError:
+                ok = False
+                time.sleep(0.05)
+            finally:
+                w.close()
+            outcomes.append((time.monotonic(), ok))
+
+    def terminate_all() -> None:
+        with psycopg.connect(**server.conninfo("postgres"), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = 'private' AND pid <> pg_backend_pid()"
+            )
+
+    def blackhole() -> None:
+        proxy.blackhole()
+        time.sleep(5)
+        proxy.resume()
+
+    faults = [
+        ("fast restart", lambda: server.restart("fast")),
+        ("immediate restart", lambda: server.restart("immediate")),
+        ("terminate every session", terminate_all),
+        ("5 s network black hole", blackhole),
+    ]
+    workers = [threading.Thread(target=loop) for _ in range(args.threads)]
+    for t in workers:
+        t.start()
+    time.sleep(5)  # warm-up
+    rss_start = rss_mb()
+    windows: list[tuple[str, float, float]] = []
+    end = time.monotonic() + args.minutes * 60
+    i = 0
+    try:
+        while time.monotonic() + args.interval < end:
+            time.sleep(args.interval)
+            name, inject = faults[i % len(faults)]
+            t0 = time.monotonic()
+            inject()
+            windows.append((name, t0, time.monotonic() + 3))
+            i += 1
+        time.sleep(max(0.0, end - time.monotonic()))
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(60)
+    rss_end = rss_mb()
+    pool = wrapper.pool
+    stats = pool.get_stats()
+    in_windows = sum(1 for t, ok in outcomes if not ok and any(a <= t <= b for _, a, b in windows))
+    outside = [t for t, ok in outcomes if not ok and not any(a <= t <= b for _, a, b in windows)]
+    print(
+        f"{args.minutes:g} min, {len(outcomes)} requests, {len(windows)} faults ({', '.join(n for n, _ in faults)})"
+    )
+    print(f"errors inside fault windows: {in_windows}; outside: {len(outside)}")
+    print(
+        f"pool at the end: size {stats['pool_size']}, idle {stats['pool_available']}, "
+        f"checked out {len(pool._leased)}; connections lost: {stats['pool_size'] - stats['pool_available'] - len(pool._leased)}"
+    )
+    print(
+        f"RSS: {rss_start:.1f} MB after warm-up, {rss_end:.1f} MB at the end ({rss_end - rss_start:+.1f} MB)"
+    )
+    wrapper.close_pool()
+    proxy.close()
+    server.destroy()
+    return 1 if outside or len(pool._leased) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
