@@ -382,21 +382,26 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # up when the checkout's time is up, and discard the connection.
         deadline = conn._dpp_deadline or monotonic() + self.timeout
         poller = None
-        while True:
-            pgconn.consume_input()
-            if not pgconn.is_busy():
-                break
-            left = deadline - monotonic()
-            if left <= 0:
-                raise psycopg.OperationalError(
-                    f"no answer to the session reset within {self.timeout:g} s"
-                )
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-            poller.poll(1000 * left)
         error = None
-        while (res := pgconn.get_result()) is not None:
+        while True:
+            # libpq's PQgetResult waits for the socket while holding the GIL
+            # when a result is incomplete: call it only once is_busy() says
+            # nothing is missing, and wait in poll(), which releases the GIL.
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise psycopg.OperationalError(
+                        f"no answer to the session reset within {self.timeout:g} s"
+                    )
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(fd, select.POLLIN)
+                poller.poll(1000 * left)
+                continue
+            res = pgconn.get_result()
+            if res is None:
+                break
             if res.status != pq.ExecStatus.COMMAND_OK:
                 error = res.get_error_message()
         pgconn.is_busy()  # parse what came after the answer (a FATAL, say)

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -245,6 +246,26 @@ class ThrowawayServer:
             stderr=subprocess.STDOUT,
         )
         self._executor.start()
+        self._wait_accepting()
+
+    def _wait_accepting(self, timeout: float = 60.0) -> None:
+        """Return once the server accepts logins, not only TCP connections.
+
+        mirakuru waits for the port; after a crash (an immediate shutdown)
+        or on a busy machine, PostgreSQL still answers "the database system
+        is starting up" for a while after it listens.
+        """
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(**self.conninfo("postgres"), connect_timeout=5).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _log_handle(self) -> IO[bytes]:
         if self._log is None or self._log.closed:

@@ -127,6 +127,79 @@ def test_server_restart_under_load(private_server, make_pooled, mode: str, fail_
     assert not pool._leased
 
 
+FREEZE_CHECK = """
+import sys, threading, time
+from django.conf import settings
+settings.configure(USE_TZ=True, INSTALLED_APPS=[])
+import django
+django.setup()
+from django.db import OperationalError
+from django_pooled_pg.base import DatabaseWrapper
+from tests.proxy import Proxy
+host, port, user, password = sys.argv[1:5]
+proxy = Proxy(host, int(port))
+w = DatabaseWrapper({
+    "ENGINE": "django_pooled_pg", "NAME": "private", "USER": user, "PASSWORD": password,
+    "HOST": host, "PORT": str(proxy.port), "OPTIONS": {"pool": {"min_size": 2, "max_size": 4, "timeout": 3}},
+    "CONN_MAX_AGE": 0, "CONN_HEALTH_CHECKS": False, "AUTOCOMMIT": True, "ATOMIC_REQUESTS": False,
+    "TIME_ZONE": None, "TEST": {},
+}, "freeze")
+stop = threading.Event()
+def loop():
+    mine = w.copy()
+    while not stop.is_set():
+        try:
+            with mine.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except OperationalError:
+            time.sleep(0.01)
+        finally:
+            mine.close()
+threads = [threading.Thread(target=loop, daemon=True) for _ in range(8)]
+for t in threads:
+    t.start()
+last, worst = time.monotonic(), 0.0
+for _ in range(300):  # 6 s of ticks; the parent restarts the server meanwhile
+    time.sleep(0.02)
+    now = time.monotonic()
+    worst, last = max(worst, now - last), now
+stop.set()
+print("worst stall", worst, flush=True)
+"""
+
+
+def test_restarts_never_freeze_the_process(private_server) -> None:
+    """No libpq call waits on a socket while holding the GIL.
+
+    A session reset cut off by a restart used to leave PQgetResult waiting
+    for the rest of an answer with the GIL held: every thread of the process
+    froze (through the in-process proxy, for good). A child process runs load
+    through a proxy and measures its longest stall while the server restarts
+    again and again; a frozen child is killed, not waited for.
+    """
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen(
+        [sys.executable, "-c", FREEZE_CHECK, private_server.host, str(private_server.port),
+         private_server.user, private_server.password],
+        cwd=root, env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        for _ in range(6):
+            private_server.restart("fast")
+            time.sleep(0.5)
+        out, _ = child.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise AssertionError("the process froze during a restart") from None
+    worst = float(out.split()[-1])
+    assert worst < 2.0, out
+
+
 # -- 2. a backend terminated in the middle of a request -----------------------
 
 
