@@ -18,13 +18,10 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "testproject"), str(ROOT)]
+from harness import pooled_wrapper, private_server, setup_django
 
-import throwaway_pg  # noqa: E402
+import throwaway_pg
 
 
 def run_once(
@@ -32,24 +29,9 @@ def run_once(
 ) -> dict[str, float]:
     from django.db import OperationalError
 
-    from django_pooled_pg.base import DatabaseWrapper
-
-    settings: dict[str, Any] = {
-        "ENGINE": "django_pooled_pg",
-        "NAME": "private",
-        "USER": server.user,
-        "PASSWORD": server.password,
-        "HOST": server.host,
-        "PORT": str(server.port),
-        "OPTIONS": {"pool": {"min_size": 4, "max_size": 8, "timeout": 10, "fail_fast": fail_fast}},
-        "CONN_MAX_AGE": 0,
-        "CONN_HEALTH_CHECKS": False,
-        "AUTOCOMMIT": True,
-        "ATOMIC_REQUESTS": False,
-        "TIME_ZONE": None,
-        "TEST": {},
-    }
-    wrapper = DatabaseWrapper(settings, f"outage_{fail_fast}")
+    wrapper = pooled_wrapper(
+        server, f"outage_{fail_fast}", min_size=4, max_size=8, timeout=10, fail_fast=fail_fast
+    )
     results: list[tuple[float, float, bool]] = []
     stop = threading.Event()
 
@@ -104,16 +86,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from django.conf import settings
-
-    settings.configure(USE_TZ=True, TIME_ZONE="UTC", INSTALLED_APPS=[])
-    import django
-
-    django.setup()
-    server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
-    server.init()
-    server.start()
-    server.createdb("private")
+    setup_django()
+    server = private_server()
     try:
         runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
         for _ in range(args.rounds):

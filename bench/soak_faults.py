@@ -18,16 +18,11 @@ import resource
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "testproject"), str(ROOT)]
+import psycopg
+from harness import pooled_wrapper, private_server, setup_django
 
-import psycopg  # noqa: E402
-
-import throwaway_pg  # noqa: E402
-from tests.proxy import Proxy  # noqa: E402
+from tests.proxy import Proxy
 
 
 def rss_mb() -> float:
@@ -47,41 +42,24 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
 
-    from django.conf import settings
-
-    settings.configure(USE_TZ=True, TIME_ZONE="UTC", INSTALLED_APPS=[])
-    import django
-
-    django.setup()
+    setup_django()
     from django.db import OperationalError
 
-    from django_pooled_pg.base import DatabaseWrapper
-
-    server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
-    server.init()
-    server.start()
-    server.createdb("private")
+    server = private_server()
     proxy = Proxy(server.host, server.port)
-    db: dict[str, Any] = {
-        "ENGINE": "django_pooled_pg",
-        "NAME": "private",
-        "USER": server.user,
-        "PASSWORD": server.password,
-        "HOST": server.host,
-        "PORT": str(proxy.port),
-        "OPTIONS": {"pool": {"min_size": 2, "max_size": 4, "timeout": 3}, "connect_timeout": 2},
-        "CONN_MAX_AGE": 0,
-        "CONN_HEALTH_CHECKS": False,
-        "AUTOCOMMIT": True,
-        "ATOMIC_REQUESTS": False,
-        "TIME_ZONE": None,
-        "TEST": {},
-    }
-    wrapper = DatabaseWrapper(db, "soak")
+    wrapper = pooled_wrapper(
+        server,
+        "soak",
+        port=proxy.port,
+        options={"connect_timeout": 2},
+        min_size=2,
+        max_size=4,
+        timeout=3,
+    )
     # Counters and failure times only: a record per request would itself
     # grow the RSS this script measures.
     served = [0] * args.threads
-    failures: list[float] = []
+    failures: list[tuple[float, str]] = []
     stop = threading.Event()
 
     def loop(index: int) -> None:
@@ -91,8 +69,8 @@ def main() -> int:
                 with w.cursor() as cursor:
                     cursor.execute("SELECT count(*) FROM pg_class")
                 served[index] += 1
-            except OperationalError:
-                failures.append(time.monotonic())
+            except OperationalError as exc:
+                failures.append((time.monotonic(), " ".join(str(exc).split())[:120]))
                 time.sleep(0.05)
             finally:
                 w.close()
@@ -139,12 +117,21 @@ def main() -> int:
     rss_end = rss_mb()
     pool = wrapper.pool
     stats = pool.get_stats()
-    in_windows = sum(1 for t in failures if any(a <= t <= b for _, a, b in windows))
-    outside = [t for t in failures if not any(a <= t <= b for _, a, b in windows)]
+
+    def inside(t: float) -> bool:
+        return any(a <= t <= b for _, a, b in windows)
+
+    in_windows = sum(1 for t, _ in failures if inside(t))
+    outside = [(t, why) for t, why in failures if not inside(t)]
     print(
         f"{args.minutes:g} min, {sum(served) + len(failures)} requests, {len(windows)} faults ({', '.join(n for n, _ in faults)})"
     )
     print(f"errors inside fault windows: {in_windows}; outside: {len(outside)}")
+    for t, why in outside:
+        last = max(
+            ((n, b) for n, _, b in windows if b <= t), key=lambda w: w[1], default=("start", 0.0)
+        )
+        print(f"  outside: {t - last[1]:.2f} s after the window of {last[0]!r}: {why}")
     print(
         f"pool at the end: size {stats['pool_size']}, idle {stats['pool_available']}, "
         f"checked out {len(pool._leased)}; connections lost: {stats['pool_size'] - stats['pool_available'] - len(pool._leased)}"

@@ -107,7 +107,10 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
             return cached[1]
         pool = pools.get_pool(self._pool_key(), self.alias, self._create_pool)
         # A copy of OPTIONS: a change made in place must not match the cache.
-        self._dpp_pool_cache = ((*seen[:5], copy.deepcopy(seen[5]), *seen[6:]), pool)
+        try:
+            self._dpp_pool_cache = ((*seen[:5], copy.deepcopy(seen[5]), *seen[6:]), pool)
+        except Exception:  # an option value that cannot be copied: no cache
+            self._dpp_pool_cache = None
         return pool
 
     def _pool_key(self) -> tuple[Any, ...]:

@@ -187,6 +187,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         except BaseException:
             self._return_connection(conn, from_getconn=True)
             raise
+        finally:
+            conn._dpp_deadline = None  # pool.check() later gives its own
         self._lease(conn)
         return True
 

@@ -27,10 +27,20 @@ DOC = Path(__file__).resolve().parent / "configuration.md"
 START, END = "<!-- options:start -->", "<!-- options:end -->"
 
 BAD_VALUES: dict[str, Any] = {
-    "min_size": -1, "max_size": 0, "timeout": -1, "max_waiting": -1,
-    "max_lifetime": 0, "max_idle": 0, "reconnect_timeout": 0, "num_workers": 0,
-    "name": "", "check": "myapp.nowhere.check", "configure": 42, "reset": 42,
-    "reset_session": "yes", "password_provider": "myapp.nowhere.token",
+    "min_size": -1,
+    "max_size": 0,
+    "timeout": -1,
+    "max_waiting": -1,
+    "max_lifetime": 0,
+    "max_idle": 0,
+    "reconnect_timeout": 0,
+    "num_workers": 0,
+    "name": "",
+    "check": "myapp.nowhere.check",
+    "configure": 42,
+    "reset": 42,
+    "reset_session": "yes",
+    "password_provider": "myapp.nowhere.token",
     "fail_fast": "yes",
 }
 
@@ -56,8 +66,10 @@ def failure(name: str) -> str:
 
 
 def table() -> str:
-    rows = ["| option | default | accepted | meaning | failure message (example) |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| option | default | accepted | meaning | failure message (example) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for o in OPTIONS:
         rows.append(
             f"| `{o.name}` | {default(o.name, o.default)} | {o.accepted} | {o.doc} | {failure(o.name)} |"

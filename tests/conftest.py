@@ -57,8 +57,12 @@ def admin(transactional_db: None) -> Iterator[psycopg.Connection[Any]]:
     """A superuser connection outside every pool, to look and to break."""
     s = connection.settings_dict
     conn = psycopg.connect(
-        host=s["HOST"], port=s["PORT"], user=s["USER"], password=s["PASSWORD"],
-        dbname="postgres", autocommit=True,
+        host=s["HOST"],
+        port=s["PORT"],
+        user=s["USER"],
+        password=s["PASSWORD"],
+        dbname="postgres",
+        autocommit=True,
     )
     yield conn
     conn.close()

@@ -23,8 +23,11 @@ def db_settings(**overrides: Any) -> dict[str, Any]:
 def private_settings(server: throwaway_pg.ThrowawayServer, **overrides: Any) -> dict[str, Any]:
     """Settings for the private cluster's ``private`` database."""
     s = db_settings(
-        NAME="private", HOST=server.host, PORT=str(server.port),
-        USER=server.user, PASSWORD=server.password,
+        NAME="private",
+        HOST=server.host,
+        PORT=str(server.port),
+        USER=server.user,
+        PASSWORD=server.password,
     )
     s["TEST"] = {**s["TEST"], "NAME": "private"}
     s.update(overrides)

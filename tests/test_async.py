@@ -49,9 +49,21 @@ def test_async_views_under_uvicorn_use_and_return_pooled_connections(
         "POOL_OPTIONS_JSON": '{"timeout": 5}',
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "testproject.asgi:application", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=TESTPROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "testproject.asgi:application",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=TESTPROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:

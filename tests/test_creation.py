@@ -24,7 +24,9 @@ TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
 
 
 def exists(admin: psycopg.Connection[Any], name: str) -> bool:
-    return admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
+    return (
+        admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
+    )
 
 
 @pytest.fixture
@@ -49,7 +51,9 @@ def idle_pool_on(make_wrapper: Make, name: str, alias: str):
     return wrapper
 
 
-def test_destroy_closes_pooled_connections_of_every_alias(make_wrapper: Make, admin, scratch: str) -> None:
+def test_destroy_closes_pooled_connections_of_every_alias(
+    make_wrapper: Make, admin, scratch: str
+) -> None:
     first = idle_pool_on(make_wrapper, scratch, "first")
     idle_pool_on(make_wrapper, scratch, "second")  # another alias, same database
     assert len(backend_pids(admin, scratch)) == 4
@@ -57,14 +61,18 @@ def test_destroy_closes_pooled_connections_of_every_alias(make_wrapper: Make, ad
     assert not exists(admin, scratch)
 
 
-def test_clone_closes_pooled_connections_to_the_template(make_wrapper: Make, admin, scratch: str) -> None:
+def test_clone_closes_pooled_connections_to_the_template(
+    make_wrapper: Make, admin, scratch: str
+) -> None:
     first = idle_pool_on(make_wrapper, scratch, "first")
     idle_pool_on(make_wrapper, scratch, "second")
     first.creation._clone_test_db("1", verbosity=0)
     assert exists(admin, "pooled_scratch_1")
 
 
-def test_create_over_an_existing_test_database_closes_its_pools(make_wrapper: Make, admin, scratch: str) -> None:
+def test_create_over_an_existing_test_database_closes_its_pools(
+    make_wrapper: Make, admin, scratch: str
+) -> None:
     admin.execute("CREATE DATABASE test_pooled_scratch")
     idle_pool_on(make_wrapper, "test_pooled_scratch", "holder")
     creator = make_wrapper(pool={"max_size": 2}, alias="creator", NAME=scratch)
@@ -75,14 +83,20 @@ def test_create_over_an_existing_test_database_closes_its_pools(make_wrapper: Ma
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--keepdb"], ["--parallel", "2"]], ids=["plain", "keepdb", "parallel"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--keepdb"], ["--parallel", "2"]], ids=["plain", "keepdb", "parallel"]
+)
 def test_manage_py_test_runs_on_the_pool(extra: list[str], admin) -> None:
     """Django's runner: test databases created, used through the pool, destroyed."""
     name = "pooled_runner"  # not this session's own test database
     env = {**os.environ, "PYTHONPATH": str(TESTPROJECT.parent), "PGDATABASE": name}
     result = subprocess.run(
         [sys.executable, "manage.py", "test", "demoapp", "--noinput", "-v", "2", *extra],
-        cwd=TESTPROJECT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=TESTPROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

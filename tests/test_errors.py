@@ -125,11 +125,15 @@ def test_deaf_server_fails_within_timeout(make_wrapper: Make, deaf_listener: int
     assert time.monotonic() - t0 < 1 + 2 + 0.5
 
 
-def test_deaf_server_attempt_ends_at_default_connect_timeout(make_wrapper: Make, deaf_listener: int) -> None:
+def test_deaf_server_attempt_ends_at_default_connect_timeout(
+    make_wrapper: Make, deaf_listener: int
+) -> None:
     """No connect_timeout in OPTIONS: the engine's default bounds the attempt."""
     from django_pooled_pg.options import DEFAULT_CONNECT_TIMEOUT
 
-    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "timeout": 0.5}, PORT=str(deaf_listener))
+    wrapper = make_wrapper(
+        pool={"min_size": 0, "max_size": 1, "timeout": 0.5}, PORT=str(deaf_listener)
+    )
     with pytest.raises(PoolExhausted):
         hold(wrapper)
     pool = wrapper.pool
@@ -144,7 +148,9 @@ def test_deaf_server_attempt_ends_at_default_connect_timeout(make_wrapper: Make,
 @pytest.mark.slow
 def test_outage_fails_in_time_and_pool_recovers(private_server) -> None:
     wrapper = DatabaseWrapper(
-        private_settings(private_server, OPTIONS={"pool": {"min_size": 2, "max_size": 2, "timeout": 1.5}}),
+        private_settings(
+            private_server, OPTIONS={"pool": {"min_size": 2, "max_size": 2, "timeout": 1.5}}
+        ),
         "outage",
     )
     try:
@@ -201,7 +207,10 @@ count_resets.calls = 0  # type: ignore[attr-defined]
 def test_return_and_check_never_wait_behind_connection_attempts(make_wrapper: Make) -> None:
     wrapper = make_wrapper(
         pool={
-            "min_size": 1, "max_size": 1, "num_workers": 2, "timeout": 5,
+            "min_size": 1,
+            "max_size": 1,
+            "num_workers": 2,
+            "timeout": 5,
             "reset": "tests.test_errors.count_resets",
             "password_provider": "tests.test_errors.slow_password",
         },

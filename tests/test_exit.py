@@ -51,7 +51,11 @@ def run_child(app: str, extra: str = "") -> tuple[float, str]:
     }
     proc = subprocess.Popen(
         [sys.executable, "-W", "default", "-c", CHILD.format(extra=extra)],
-        cwd=TESTPROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=TESTPROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()
@@ -85,7 +89,9 @@ def test_pools_close_at_exit_quickly_and_quietly(transactional_db: None, admin, 
 
 
 def test_close_pool_closes_its_sessions_and_a_new_pool_follows(make_wrapper: Make, admin) -> None:
-    wrapper = make_wrapper(pool={"min_size": 2, "max_size": 2}, options={"application_name": "pooled-close"})
+    wrapper = make_wrapper(
+        pool={"min_size": 2, "max_size": 2}, options={"application_name": "pooled-close"}
+    )
     with wrapper.cursor() as cursor:
         cursor.execute("SELECT 1")
     pool = wrapper.pool

@@ -47,7 +47,9 @@ def request(wrapper: DatabaseWrapper, sql: str = "SELECT pg_backend_pid()") -> A
 def make_pooled(private_server, make_wrapper: Make) -> Callable[..., DatabaseWrapper]:
     """Pooled wrappers on the private cluster: ``make_pooled(port=..., **pool)``."""
 
-    def make(port: int | None = None, options: dict[str, Any] | None = None, **pool: Any) -> DatabaseWrapper:
+    def make(
+        port: int | None = None, options: dict[str, Any] | None = None, **pool: Any
+    ) -> DatabaseWrapper:
         settings = private_settings(private_server)
         if port is not None:
             settings["PORT"] = str(port)
@@ -182,9 +184,19 @@ def test_restarts_never_freeze_the_process(private_server) -> None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     child = subprocess.Popen(
-        [sys.executable, "-c", FREEZE_CHECK, private_server.host, str(private_server.port),
-         private_server.user, private_server.password],
-        cwd=root, env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            FREEZE_CHECK,
+            private_server.host,
+            str(private_server.port),
+            private_server.user,
+            private_server.password,
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
@@ -245,7 +257,10 @@ def test_black_holed_network_fails_in_time_and_recovers(private_server, make_poo
     try:
         timeout, connect_timeout = 1.0, 2
         wrapper = make_pooled(
-            port=proxy.port, min_size=0, max_size=2, timeout=timeout,
+            port=proxy.port,
+            min_size=0,
+            max_size=2,
+            timeout=timeout,
             options={"connect_timeout": connect_timeout},
         )
         request(wrapper)
@@ -283,7 +298,9 @@ def test_black_holed_network_fails_in_time_and_recovers(private_server, make_poo
         proxy.close()
 
 
-def test_reset_answer_that_never_comes_fails_the_checkout_in_time(private_server, make_pooled) -> None:
+def test_reset_answer_that_never_comes_fails_the_checkout_in_time(
+    private_server, make_pooled
+) -> None:
     """A connection returned just as the network went silent: its session
     reset is never answered; the next checkout gives up on it at timeout."""
     proxy = Proxy(private_server.host, private_server.port)
@@ -364,7 +381,9 @@ CAUSES = {
 
 
 @pytest.mark.parametrize("case", list(CAUSES))
-def test_connection_refused_for_a_cause_names_it_and_recovers(private_server, make_pooled, case: str) -> None:
+def test_connection_refused_for_a_cause_names_it_and_recovers(
+    private_server, make_pooled, case: str
+) -> None:
     before, settings, breaks, cause, fixes = CAUSES[case]
     password = private_server.password
 
@@ -395,7 +414,11 @@ def test_too_many_clients_is_named_and_recovers(private_server, make_pooled) -> 
     with admin_connect(private_server) as admin:
         limit = int(admin.execute("SHOW max_connections").fetchone()[0])
         reserved = int(admin.execute("SHOW superuser_reserved_connections").fetchone()[0])
-        admin.execute("CREATE ROLE plain LOGIN PASSWORD %s" % psycopg.sql.quote(private_server.password))  # noqa: UP031
+        admin.execute(
+            psycopg.sql.SQL("CREATE ROLE plain LOGIN PASSWORD {}").format(
+                psycopg.sql.Literal(private_server.password)
+            )
+        )
         admin.execute("GRANT ALL ON DATABASE private TO plain")
     try:
         info = private_server.conninfo("private")
@@ -410,7 +433,12 @@ def test_too_many_clients_is_named_and_recovers(private_server, make_pooled) -> 
         wrapper.settings_dict["USER"] = "plain"
         # PostgreSQL says "too many clients", or, with superuser slots left,
         # "remaining connection slots are reserved".
-        check_cause(wrapper, proxy, "(too many clients|remaining connection slots are reserved)", private_server.password)
+        check_cause(
+            wrapper,
+            proxy,
+            "(too many clients|remaining connection slots are reserved)",
+            private_server.password,
+        )
         for hog in hogs[:5]:
             hog.close()
         recovers(wrapper)
@@ -438,7 +466,9 @@ def test_statement_timeout_fails_the_query_and_the_next_request_is_clean(make_po
 
 def test_idle_in_transaction_timeout_kills_only_that_session(make_pooled) -> None:
     wrapper = make_pooled(
-        min_size=1, max_size=1, timeout=2,
+        min_size=1,
+        max_size=1,
+        timeout=2,
         options={"options": "-c idle_in_transaction_session_timeout=300"},
     )
     wrapper.set_autocommit(False)

@@ -45,7 +45,9 @@ def wait_serving(url: str, proc: subprocess.Popen[str], deadline: float = 30) ->
 
 
 def alive(admin: psycopg.Connection[Any], pid: int) -> bool:
-    return admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone() is not None
+    return (
+        admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone() is not None
+    )
 
 
 @pytest.mark.slow
@@ -62,9 +64,26 @@ def test_preloaded_master_and_workers_keep_separate_sessions(
         "PRELOAD_REPORT": str(report),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-k", "sync",
-         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "testproject.wsgi_preload:application"],
-        cwd=TESTPROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--preload",
+            "-w",
+            "2",
+            "-k",
+            "sync",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "5",
+            "testproject.wsgi_preload:application",
+        ],
+        cwd=TESTPROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}/ping/"
     try:

@@ -44,12 +44,20 @@ def test_harness_works_for_an_ordinary_user() -> None:
     # As the unprivileged user, keeping only the right to read files, since
     # the interpreter may live under root's home (pyenv, tox).
     as_user = [
-        "setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
-        "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--",
+        "setpriv",
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+        "--inh-caps=+dac_read_search",
+        "--ambient-caps=+dac_read_search",
+        "--",
     ]
     result = subprocess.run(
         [*as_user, "env", "HOME=/tmp", sys.executable, "-c", START_AND_QUERY],
-        capture_output=True, text=True, timeout=120, cwd="/tmp",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/tmp",
     )
     assert result.returncode == 0, result.stderr
     assert "server user None" in result.stdout  # ran as itself

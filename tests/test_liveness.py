@@ -56,12 +56,12 @@ def requests(wrapper: DatabaseWrapper, n: int) -> tuple[int, list[str]]:
 
 
 def test_terminated_idle_connections_are_never_handed_out(make_wrapper: Make, admin) -> None:
-    wrapper = make_wrapper(
-        pool={"min_size": 4, "max_size": 4}, options={"application_name": APP}
-    )
+    wrapper = make_wrapper(pool={"min_size": 4, "max_size": 4}, options={"application_name": APP})
     pids = warm(wrapper, 4)
     assert len(pids) == 4
-    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", [list(pids)])
+    admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", [list(pids)]
+    )
     wait_gone(admin, pids)
 
     t0 = time.monotonic()
@@ -103,11 +103,11 @@ def test_connection_terminated_a_moment_ago_is_not_handed_out(
 
 
 def test_terminated_idle_connections_from_many_threads(make_wrapper: Make, admin) -> None:
-    wrapper = make_wrapper(
-        pool={"min_size": 4, "max_size": 4}, options={"application_name": APP}
-    )
+    wrapper = make_wrapper(pool={"min_size": 4, "max_size": 4}, options={"application_name": APP})
     pids = warm(wrapper, 4)
-    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", [list(pids)])
+    admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", [list(pids)]
+    )
     wait_gone(admin, pids)
 
     failures: list[str] = []
@@ -126,7 +126,9 @@ def test_terminated_idle_connections_from_many_threads(make_wrapper: Make, admin
     assert failures == []
 
 
-def test_idle_session_timeout_closed_connections_are_never_handed_out(make_wrapper: Make, admin) -> None:
+def test_idle_session_timeout_closed_connections_are_never_handed_out(
+    make_wrapper: Make, admin
+) -> None:
     wrapper = make_wrapper(
         pool={"min_size": 2, "max_size": 2},
         options={"application_name": APP, "options": "-c idle_session_timeout=200"},
@@ -142,7 +144,10 @@ def test_restarted_server_leaves_no_stale_connection(private_server) -> None:
     """After a restart every pooled socket is dead; none reaches a request."""
     from tests.helpers import private_settings
 
-    wrapper = DatabaseWrapper(private_settings(private_server, OPTIONS={"pool": {"min_size": 3, "max_size": 3}}), "liveness_restart")
+    wrapper = DatabaseWrapper(
+        private_settings(private_server, OPTIONS={"pool": {"min_size": 3, "max_size": 3}}),
+        "liveness_restart",
+    )
     try:
         warm(wrapper, 3)
         private_server.restart("fast")

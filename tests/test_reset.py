@@ -72,7 +72,9 @@ SESSION_STATE = {
 
 
 @pytest.mark.parametrize("kind", sorted(SESSION_STATE))
-def test_session_state_does_not_reach_the_next_request(make_wrapper: Make, role: str, kind: str) -> None:
+def test_session_state_does_not_reach_the_next_request(
+    make_wrapper: Make, role: str, kind: str
+) -> None:
     statements, look = SESSION_STATE[kind]
     wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1})
     backend = pid(wrapper)
@@ -132,7 +134,9 @@ def test_failed_transaction_is_rolled_back(make_wrapper: Make) -> None:
         ("autocommit", False),
     ],
 )
-def test_connection_object_settings_are_restored(make_wrapper: Make, attribute: str, value: Any) -> None:
+def test_connection_object_settings_are_restored(
+    make_wrapper: Make, attribute: str, value: Any
+) -> None:
     wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1})
     pid(wrapper)
     raw = wrapper.connection
@@ -186,7 +190,9 @@ def test_assume_role_holds_after_reset(make_wrapper: Make, role: str) -> None:
 
 
 @pytest.mark.parametrize("level", list(psycopg.IsolationLevel), ids=lambda level: level.name)
-def test_isolation_level_holds_on_every_checkout(make_wrapper: Make, level: psycopg.IsolationLevel) -> None:
+def test_isolation_level_holds_on_every_checkout(
+    make_wrapper: Make, level: psycopg.IsolationLevel
+) -> None:
     wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1}, options={"isolation_level": level})
     expected = level.name.lower().replace("_", " ")
     if level == psycopg.IsolationLevel.READ_UNCOMMITTED:
@@ -205,7 +211,11 @@ def configure_statement_timeout(conn: psycopg.Connection[Any]) -> None:
 
 def test_configure_settings_hold_after_reset(make_wrapper: Make) -> None:
     wrapper = make_wrapper(
-        pool={"min_size": 0, "max_size": 1, "configure": "tests.test_reset.configure_statement_timeout"}
+        pool={
+            "min_size": 0,
+            "max_size": 1,
+            "configure": "tests.test_reset.configure_statement_timeout",
+        }
     )
     backend = pid(wrapper)
     assert fetch(wrapper, "SHOW statement_timeout") == "4321ms"

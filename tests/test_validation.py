@@ -36,7 +36,10 @@ BAD = [
     ({"max_size": 0}, ["['max_size'] is 0", "an integer >= 1"]),
     ({"max_size": True}, ["['max_size'] is True", "an integer"]),
     ({"min_size": -1}, ["['min_size'] is -1", "an integer >= 0"]),
-    ({"min_size": 5, "max_size": 2}, ["['max_size'] is 2, smaller than min_size (5)", "max_size must be >= min_size"]),
+    (
+        {"min_size": 5, "max_size": 2},
+        ["['max_size'] is 2, smaller than min_size (5)", "max_size must be >= min_size"],
+    ),
     ({"timeout": -1}, ["['timeout'] is -1", "a number of seconds > 0"]),
     ({"timeout": 0}, ["['timeout'] is 0", "> 0"]),
     ({"timeout": "x"}, ["['timeout'] is 'x'"]),
@@ -46,7 +49,10 @@ BAD = [
     ({"max_waiting": 1.5}, ["['max_waiting'] is 1.5", "an integer >= 0"]),
     ({"reset_session": "yes"}, ["['reset_session'] is 'yes'", "True or False"]),
     ({"name": ""}, ["['name'] is ''", "a string"]),
-    ({"check": "tests.nowhere.check"}, ["['check'] names 'tests.nowhere.check'", "cannot be imported"]),
+    (
+        {"check": "tests.nowhere.check"},
+        ["['check'] names 'tests.nowhere.check'", "cannot be imported"],
+    ),
     ({"configure": 42}, ["['configure'] is 42", "a callable"]),
 ]
 
@@ -57,8 +63,12 @@ def wrapper_with(pool: Any, **overrides: Any) -> DatabaseWrapper:
     return DatabaseWrapper(s, "bad")
 
 
-@pytest.mark.parametrize("pool, says", BAD, ids=[next(iter(p)) + "=" + repr(next(iter(p.values()))) for p, _ in BAD])
-def test_bad_option_is_named_by_pool_creation_and_by_the_check(pool: dict[str, Any], says: list[str]) -> None:
+@pytest.mark.parametrize(
+    "pool, says", BAD, ids=[next(iter(p)) + "=" + repr(next(iter(p.values()))) for p, _ in BAD]
+)
+def test_bad_option_is_named_by_pool_creation_and_by_the_check(
+    pool: dict[str, Any], says: list[str]
+) -> None:
     with pytest.raises(ImproperlyConfigured) as info:
         wrapper_with(pool).pool  # noqa: B018 - creating the pool validates
     for fragment in says:
@@ -85,8 +95,12 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_plain_manage_py_check_reports_bad_options(transactional_db: None) -> None:
     env = {**os.environ, "PYTHONPATH": str(TESTPROJECT), "POOL_OPTIONS_JSON": '{"max_sise": 3}'}
     result = subprocess.run(
-        [sys.executable, "manage.py", "check"], cwd=TESTPROJECT, env=env,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "manage.py", "check"],
+        cwd=TESTPROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "django_pooled_pg.E001" in result.stderr
@@ -237,7 +251,9 @@ def test_libpq_options_reach_the_session(make_wrapper: Make, admin) -> None:
 
 
 def test_server_side_binding_and_prepare_threshold(make_wrapper: Make) -> None:
-    wrapper = make_wrapper(pool={"max_size": 1}, options={"server_side_binding": True, "prepare_threshold": 2})
+    wrapper = make_wrapper(
+        pool={"max_size": 1}, options={"server_side_binding": True, "prepare_threshold": 2}
+    )
     with wrapper.cursor() as cursor:
         assert not isinstance(cursor.cursor, psycopg.ClientCursor)
         assert wrapper.connection.prepare_threshold == 2
@@ -284,7 +300,9 @@ def test_tcp_settings_have_defaults_that_options_override(make_wrapper: Make) ->
     params = wrapper.connection.info.get_parameters()
     for key, value in DEFAULT_TCP_SETTINGS.items():
         assert params[key] == str(value), key
-    custom = make_wrapper(pool={"max_size": 1}, options={"keepalives_idle": 7, "tcp_user_timeout": 0})
+    custom = make_wrapper(
+        pool={"max_size": 1}, options={"keepalives_idle": 7, "tcp_user_timeout": 0}
+    )
     custom.ensure_connection()
     params = custom.connection.info.get_parameters()
     assert params["keepalives_idle"] == "7"

@@ -1,11 +1,9 @@
-"""Run by Django's runner and by pytest-django (tests/test_runners.py).
+"""Django test classes, run by Django's runner and by pytest-django.
 
-Each test reports what it saw to ``$RP_OUT`` (one JSON line per test), so
-the outer test can check the runner really used pooled test databases.
+Run from tests/test_runners.py, which reads what they report (see probe).
 """
 
 import json
-import os
 from urllib.request import urlopen
 
 from django.contrib.staticfiles.testing import StaticLiveServerTestCase
@@ -13,19 +11,7 @@ from django.db import connection, connections
 from django.test import LiveServerTestCase, TestCase, TransactionTestCase
 
 from .models import Note
-
-
-def backend_pid(alias="default"):
-    with connections[alias].cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid(), current_database()")
-        return cursor.fetchone()
-
-
-def report(**fields):
-    if path := os.environ.get("RP_OUT"):
-        with open(path, "a") as out:
-            worker = os.environ.get("PYTEST_XDIST_WORKER")
-            out.write(json.dumps({"pid": os.getpid(), "worker": worker, **fields}) + "\n")
+from .probe import in_use, reopen, report, server_session, session
 
 
 class PooledTestCase(TestCase):
@@ -35,28 +21,30 @@ class PooledTestCase(TestCase):
         Note.objects.create(text="a")
         self.assertEqual(Note.objects.count(), 1)
         self.assertIsNotNone(connection.pool)
-        pid, dbname = backend_pid()
-        other_pid, other_db = backend_pid("other")
+        self.assertIsNotNone(connections["other"].pool)
+        _, dbname, oid = session()
+        _, other_db, _ = session("other")
+        self.assertEqual(dbname, connection.settings_dict["NAME"])
+        self.assertEqual(other_db, connections["other"].settings_dict["NAME"])
         self.assertNotEqual(dbname, other_db)
-        self.assertTrue(dbname.startswith("test_"))
-        report(test="testcase", db=dbname, other_db=other_db, settings_name=connection.settings_dict["NAME"])
+        report(test="testcase", db=dbname, oid=oid, other_db=other_db)
 
-    def test_mirror_alias_reads_the_default_test_database(self):
-        self.assertEqual(connections["twin"].settings_dict["NAME"], connection.settings_dict["NAME"])
+    def test_mirror_alias_uses_the_default_test_database(self):
+        self.assertEqual(
+            connections["twin"].settings_dict["NAME"], connection.settings_dict["NAME"]
+        )
 
 
 class PooledTransactionTestCase(TransactionTestCase):
     databases = {"default", "twin"}
 
-    def test_connection_is_reused_after_close(self):
-        first, dbname = backend_pid()
-        opened = connection.pool.get_stats().get("connections_num", 0)
-        for _ in range(5):
-            connection.close()  # back to the pool
-            backend_pid()
-        # Checked out again from the pool: no new session was opened.
-        self.assertEqual(connection.pool.get_stats().get("connections_num", 0), opened)
-        report(test="transactiontestcase", db=dbname)
+    def test_closed_connection_comes_back_from_the_pool(self):
+        self.assertIsNotNone(connection.pool)
+        _, dbname, oid = session()
+        seen = reopen()
+        self.assertEqual(seen["new_connections"], 0)  # every reopen was a checkout
+        self.assertEqual(set(seen["paused"]), {seen["own"]})  # the same session each time
+        report(test="transactiontestcase", db=dbname, oid=oid, reopen=seen)
 
     def test_committed_rows_are_seen_through_a_second_alias(self):
         Note.objects.create(text="committed")
@@ -64,29 +52,48 @@ class PooledTransactionTestCase(TransactionTestCase):
         self.assertEqual(Note.objects.using("twin").filter(text="committed").count(), 1)
 
 
-class LiveServerMixin:
-    def test_live_server_thread_checks_out_and_sees_committed_rows(self):
-        Note.objects.create(text="live")
-        mine, dbname = backend_pid()
+class LiveServerChecks:
+    """The live server's request threads check out and return their own connections."""
+
+    server_pid = None
+
+    def test_live_server_view_reads_committed_rows_on_its_own_session(self):
+        Note.objects.create(text="live")  # committed: TransactionTestCase
+        mine, dbname, oid = session()
         with urlopen(self.live_server_url + "/notes/", timeout=30) as response:
             data = json.load(response)
         self.assertEqual(data["texts"], ["live"])
+        self.assertEqual(data["db"], dbname)
         self.assertTrue(data["pooled"])
-        self.assertNotEqual(data["backend_pid"], mine)  # its own connection
-        report(test=type(self).__name__, db=dbname, server_backend_pid=data["backend_pid"])
+        self.assertNotEqual(data["backend_pid"], mine)
+        type(self).server_pid = data["backend_pid"]
+        report(
+            test=type(self).__name__,
+            db=dbname,
+            oid=oid,
+            test_pid=mine,
+            server_pid=data["backend_pid"],
+            texts=data["texts"],
+        )
 
     @classmethod
     def tearDownClass(cls):
-        super().tearDownClass()  # stops the live server thread
-        pool = connection.pool
-        held = [c for c in pool._leased if c is not connection.connection]
-        report(test=cls.__name__ + ".after_stop", leased_by_others=len(held))
-        assert not held, "the live server thread kept its connection"
+        super().tearDownClass()  # stops the live server
+        connection.close()  # this thread's too: nothing may stay checked out
+        report(
+            test=cls.__name__ + ".after_stop",
+            in_use=in_use(connection.pool),
+            server_pid=cls.server_pid,
+            server_session=server_session(cls.server_pid) if cls.server_pid else None,
+        )
 
 
-class PooledLiveServerTestCase(LiveServerMixin, LiveServerTestCase):
+class PooledLiveServerTestCase(LiveServerChecks, LiveServerTestCase):
     pass
 
 
-class PooledStaticLiveServerTestCase(LiveServerMixin, StaticLiveServerTestCase):
-    pass
+class PooledStaticLiveServerTestCase(LiveServerChecks, StaticLiveServerTestCase):
+    def test_live_server_view_reads_committed_rows_on_its_own_session(self):
+        with urlopen(self.live_server_url + "/static/rp_app/hello.txt", timeout=30) as response:
+            self.assertEqual(response.read().strip(), b"hello")  # the static files handler
+        super().test_live_server_view_reads_committed_rows_on_its_own_session()

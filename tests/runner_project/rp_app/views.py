@@ -5,8 +5,11 @@ from .models import Note
 
 
 def notes(request):
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        (pid,) = cursor.fetchone()
+    """The committed notes, read through the ORM, and the session that read them."""
     texts = list(Note.objects.order_by("text").values_list("text", flat=True))
-    return JsonResponse({"texts": texts, "backend_pid": pid, "pooled": connection.pool is not None})
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid(), current_database()")
+        pid, dbname = cursor.fetchone()
+    return JsonResponse(
+        {"texts": texts, "backend_pid": pid, "db": dbname, "pooled": connection.pool is not None}
+    )
