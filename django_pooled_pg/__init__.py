@@ -4,6 +4,7 @@ Use it with ``DATABASES = {"default": {"ENGINE": "django_pooled_pg", ...}}``.
 """
 
 from .errors import PoolExhausted, ServerUnavailable
+from .measures import PoolStats, stats
 
-__all__ = ["PoolExhausted", "ServerUnavailable"]
+__all__ = ["PoolExhausted", "PoolStats", "ServerUnavailable", "stats"]
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from typing import Any
 
@@ -14,12 +15,14 @@ from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLData
 from django.db.backends.postgresql.psycopg_any import IsolationLevel
 from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
+from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from . import pool as pools
 from .checks import check_pool_options
 from .creation import DatabaseCreation
 from .errors import PoolExhausted
+from .measures import HOSTNAME
 from .options import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TCP_SETTINGS,
@@ -29,6 +32,7 @@ from .options import (
     psycopg_pool_kwargs,
 )
 from .pool import DjangoPool, PooledConnection
+from .server import application_name
 
 PERSISTENT_CONNECTIONS_MESSAGE = (
     "Pooling doesn't support persistent connections. Set CONN_MAX_AGE to 0 "
@@ -135,10 +139,8 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         except OptionError as exc:
             raise ImproperlyConfigured(str(exc)) from None
 
-    def _create_pool(self) -> DjangoPool:
-        if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
-            raise ImproperlyConfigured(PERSISTENT_CONNECTIONS_MESSAGE)
-        opts = self.pool_options()
+    def _pool_connection_params(self, opts: PoolOptions) -> dict[str, Any]:
+        """libpq parameters of the pool's connections (a password may be a callable)."""
         params = super().get_connection_params()
         params["autocommit"] = True  # Django sets its own at checkout
         params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
@@ -150,12 +152,37 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         if role := self.settings_dict["OPTIONS"].get("assume_role"):
             startup.append(f"-c role={_libpq_options_escape(role)}")
         params["options"] = " ".join(filter(None, [params.get("options"), *startup]))
-
+        # Which process and alias each session serves, for pg_stat_activity
+        # and poolstats; the user's own name stays in front.
+        params["application_name"] = application_name(
+            params.get("application_name"), HOSTNAME, os.getpid(), self.alias
+        )
         password = self.settings_dict["PASSWORD"]
         provider = opts.password_provider or (password if callable(password) else None)
-        kwargs: dict[str, Any] | Any
         if provider is not None:
-            params.pop("password", None)
+            params["password"] = provider
+        return params
+
+    def direct_connection(self, **overrides: Any) -> Connection[Any]:
+        """A connection outside the pool, with the pool's parameters.
+
+        poolstats reads pg_stat_activity with it, so that looking does not
+        take a connection from the pool it looks at.
+        """
+        params = self._pool_connection_params(self.pool_options())
+        if callable(params.get("password")):
+            params["password"] = params["password"]()
+        params.update(overrides)
+        return Connection.connect(**params)
+
+    def _create_pool(self) -> DjangoPool:
+        if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
+            raise ImproperlyConfigured(PERSISTENT_CONNECTIONS_MESSAGE)
+        opts = self.pool_options()
+        params = self._pool_connection_params(opts)
+        kwargs: dict[str, Any] | Any
+        if callable(provider := params.get("password")):
+            del params["password"]
 
             def kwargs() -> dict[str, Any]:
                 return {**params, "password": provider()}
@@ -175,6 +202,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
             kwargs=kwargs,
             check=check,
             database=(s["HOST"], str(s["PORT"]), s["NAME"]),
+            user=s["USER"],
             **psycopg_pool_kwargs(opts),
         )
 

@@ -199,6 +199,40 @@ OPTIONS: tuple[Option, ...] = (
         allow_none=True,
         psycopg=False,
     ),
+    Option(
+        "stats",
+        True,
+        "True or False",
+        "Count checkouts, waits, errors and connection closes and keep the "
+        "wait, hold and connect time distributions that django_pooled_pg.stats(), "
+        "manage.py poolstats and the metrics show. False records only the live "
+        "state (sizes, in use, waiting).",
+        "bool",
+        psycopg=False,
+    ),
+    Option(
+        "leak_timeout",
+        None,
+        "a number of seconds > 0, or None (off)",
+        "A connection held longer than this is logged once at WARNING with the "
+        "stack that checked it out, and again at INFO when it comes back. "
+        "Recording the stack costs each checkout some microseconds.",
+        "number",
+        minimum=0,
+        allow_none=True,
+        psycopg=False,
+    ),
+    Option(
+        "log_waits_over",
+        1.0,
+        "a number of seconds > 0, or None (off)",
+        "A checkout that waited longer than this for a connection is logged at "
+        "WARNING on the django_pooled_pg logger, with the pool's state.",
+        "number",
+        minimum=0,
+        allow_none=True,
+        psycopg=False,
+    ),
 )
 
 BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -223,6 +257,9 @@ class PoolOptions:
     reset_session: bool
     fail_fast: bool
     password_provider: Callable[[], str] | None
+    stats: bool
+    leak_timeout: float | None
+    log_waits_over: float | None
     check_given: bool  # a user's "check" (even None) overrides CONN_HEALTH_CHECKS
 
 

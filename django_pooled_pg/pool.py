@@ -24,6 +24,7 @@ import logging
 import os
 import select
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Hashable
 from time import monotonic
@@ -33,8 +34,9 @@ import psycopg
 from psycopg import pq
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool import AddConnection, MaintenanceTask
+from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
+from . import measures as _stats
 from .errors import PoolExhausted, ServerUnavailable
 from .options import PoolOptions
 
@@ -62,6 +64,11 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_pool: DjangoPool | None = None
     _dpp_fatal: bool = False  # the server said FATAL: it is closing the session
     _dpp_deadline: float | None = None  # of the checkout that is taking it
+    _dpp_out_at: float = 0.0  # monotonic time of the current checkout
+    _dpp_stack: traceback.StackSummary | None = None  # where it was checked out
+    _dpp_leak_reported: bool = False
+    _dpp_close_hint: str | None = None  # why it is about to be closed
+    _dpp_close_counted: bool = False
 
 
 def _watch_for_fatal(conn: PooledConnection) -> None:
@@ -97,12 +104,23 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         kwargs: dict[str, Any] | Callable[[], dict[str, Any]],
         check: Callable[[Any], None] | None,
         database: tuple[str, str, str],
+        user: str = "",
         **pool_kwargs: Any,
     ) -> None:
         self.alias = alias
+        self.options = options
         self.database = database  # (host, port, dbname), to find pools by database
+        self.user = user
         self.reset_session = options.reset_session
         self.fail_fast = options.fail_fast
+        self.leak_timeout = options.leak_timeout
+        self.log_waits_over = options.log_waits_over
+        #: This alias's running record (None: the ``stats`` option is off).
+        record = _stats.record_for(alias)
+        record.config = _stats.config_of(options, database, user)
+        self.record = record if options.stats else None
+        # Checkouts waiting for a connection: thread id -> since when.
+        self._waits: dict[int, float] = {}
         # Since when every connection attempt has failed, and the last cause.
         self._failing_since: float | None = None
         self._last_failure = ""
@@ -151,37 +169,75 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                     # pool is idle: take that one, let this one finish.
                     self._add_to_pool(conn)
                 elif self._take(conn, deadline):
+                    self._checked_out(conn, t0)
                     return conn
+        record = self.record
         if self._failing_since is not None and self.fail_fast and self._holds_nothing():
             with self._lock:
                 self._maybe_grow_pool()  # an attempt is always under way
+            if record is not None:
+                record.counters.errors += 1
             raise self._unavailable()
-        while True:
-            try:
-                conn = self._getconn_unchecked(deadline - monotonic())
-            except PoolTimeout:
-                raise self._exhausted(
-                    f"no connection was free after {monotonic() - t0:.2f} s", t0
-                ) from None
-            except TooManyRequests:
-                raise self._exhausted(
-                    f"the queue is full (max_waiting={self.max_waiting})", t0
-                ) from None
-            if self._take(conn, deadline):
-                return conn
+        waits = self._waits
+        ident = threading.get_ident()
+        waits[ident] = t0
+        try:
+            while True:
+                try:
+                    conn = self._getconn_unchecked(deadline - monotonic())
+                except PoolTimeout:
+                    if record is not None:
+                        record.counters.timeouts += 1
+                    raise self._exhausted(
+                        f"no connection was free after {monotonic() - t0:.2f} s", t0
+                    ) from None
+                except TooManyRequests:
+                    if record is not None:
+                        record.counters.rejected += 1
+                    raise self._exhausted(
+                        f"the queue is full (max_waiting={self.max_waiting})", t0
+                    ) from None
+                except BaseException:
+                    if record is not None:
+                        record.counters.errors += 1
+                    raise
+                if self._take(conn, deadline):
+                    self._checked_out(conn, t0)
+                    return conn
+        finally:
+            del waits[ident]
+
+    def _checked_out(self, conn: PooledConnection, t0: float) -> None:
+        conn._dpp_out_at = now = monotonic()
+        waited = now - t0
+        if (record := self.record) is not None:
+            record.counters.checkouts += 1
+            record.wait.observe(waited)
+        if self.leak_timeout is not None:
+            # Lines are looked up only if the leak is reported.
+            conn._dpp_stack = traceback.StackSummary.extract(
+                traceback.walk_stack(None), lookup_lines=False
+            )
+        if self.log_waits_over is not None and waited > self.log_waits_over:
+            logger.warning(
+                "pool %r: a checkout waited %.2f s for a connection (%s)",
+                self.name,
+                waited,
+                self._describe_state(),
+            )
 
     def _take(self, conn: PooledConnection, deadline: float) -> bool:
         """Lease a connection taken from the pool, or discard it if unfit."""
         conn._dpp_deadline = deadline
         if conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
-            self._close_connection(conn)
+            self._close_connection(conn, "lifetime")
             self._return_connection(conn, from_getconn=True)
             return False
         try:
             self._check_connection(conn)
         except Exception as exc:
             logger.info("pool %r: discarding a connection at checkout: %s", self.name, exc)
-            conn.close()
+            self._close_connection(conn)  # broken, or its reset failed
             self._return_connection(conn, from_getconn=True)
             return False
         except BaseException:
@@ -202,7 +258,18 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 pass
             else:
                 return conn
-        return super()._get_ready_connection(timeout)
+        if not self._pool and self.max_waiting and len(self._waiting) >= self.max_waiting:
+            # psycopg_pool (3.3) leaves a client that timed out in the queue
+            # until a connection is handed out, and counts it against
+            # max_waiting: drop those before judging the queue full.
+            live = [w for w in self._waiting if w.conn is None and w.error is None]
+            if len(live) < len(self._waiting):
+                self._waiting.clear()
+                self._waiting.extend(live)
+        ready = super()._get_ready_connection(timeout)
+        if ready is None and (record := self.record) is not None:
+            record.counters.checkouts_waited += 1  # it will queue
+        return ready
 
     def _holds_nothing(self) -> bool:
         """No connection idle, parked or in use: none could come back."""
@@ -231,6 +298,15 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 f" Connection attempts have been failing for "
                 f"{monotonic() - self._failing_since:.1f} s: {self._last_failure}."
             )
+        logger.warning(
+            "pool %r exhausted: %s (max_size=%d, in use=%d, waiting=%d, waited %.2f s)",
+            self.name,
+            why,
+            self.max_size,
+            in_use,
+            waiting,
+            waited,
+        )
         return PoolExhausted(
             f"Connection pool for database alias {self.alias!r} exhausted: {why} "
             f"(max_size={self.max_size}, in use={in_use}, waiting={waiting}, "
@@ -284,6 +360,18 @@ class DjangoPool(ConnectionPool[PooledConnection]):
     def _unlease(self, conn: PooledConnection) -> None:
         conn._dpp_generation += 1
         self._leased.discard(conn)
+        if (record := self.record) is not None or conn._dpp_leak_reported:
+            held = monotonic() - conn._dpp_out_at
+            if record is not None:
+                record.hold.observe(held)
+            if conn._dpp_leak_reported:
+                conn._dpp_leak_reported = False
+                logger.info(
+                    "pool %r: the connection reported as leaked came back after %.1f s",
+                    self.name,
+                    held,
+                )
+        conn._dpp_stack = None
         if (leases := conn._dpp_leases) is not None:
             leases.discard(conn)
             conn._dpp_leases = None
@@ -296,12 +384,18 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._reset_connection(conn)
         if conn.pgconn.transaction_status == _UNKNOWN:
             self._stats[self._RETURNS_BAD if not from_getconn else self._CONNECTIONS_LOST] += 1
+            if not conn._dpp_close_counted:
+                # Closed while in use (terminated, network gone): lost, not
+                # closed by the pool. At checkout, _take() already counted it.
+                conn._dpp_close_counted = True
+                if (record := self.record) is not None:
+                    record.counters.lost += 1
             logger.info("pool %r: replacing a closed connection", self.name)
             self.run_task(AddConnection(self))
             return
         if conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
             logger.info("pool %r: discarding expired connection", self.name)
-            self._close_connection(conn)
+            self._close_connection(conn, "lifetime")
             self.run_task(AddConnection(self))
             return
         if park:
@@ -328,7 +422,30 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         if moved := self._unpark(idle_for=self.max_idle):
             with self._lock:
                 self._nconns_min += moved
-        super()._shrink_pool()
+        self._local.close_reason = "idle"
+        try:
+            super()._shrink_pool()
+        finally:
+            self._local.close_reason = None
+
+    def _close_connection(self, conn: PooledConnection, reason: str | None = None) -> None:
+        """Close a connection, counted under why (see stats.CLOSE_REASONS)."""
+        if not conn._dpp_close_counted:
+            conn._dpp_close_counted = True
+            if reason is None:
+                reason = conn._dpp_close_hint or getattr(self._local, "close_reason", None)
+            if reason is None:
+                if self._closed:
+                    reason = "shutdown"
+                elif conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
+                    reason = "lifetime"
+                else:
+                    reason = "broken"
+            if (record := self.record) is not None:
+                record.closed(reason)
+            log = logger.debug if reason == "shutdown" else logger.info
+            log("pool %r: closed a connection (%s)", self.name, reason)
+        super()._close_connection(conn)
 
     def _putconn(self, conn: PooledConnection, from_getconn: bool) -> None:
         # Always in the returning thread. psycopg_pool hands returns to its
@@ -372,9 +489,11 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 # arrives while the connection waits in the pool.
                 pgconn.send_query(_DISCARD_ALL)
                 conn._dpp_reset_pending = True
+                if (record := self.record) is not None:
+                    record.counters.resets += 1
         except Exception as exc:
             logger.info("pool %r: discarding a returned connection: %s", self.name, exc)
-            self._close_connection(conn)
+            self._close_connection(conn, "reset_failed")
 
     def _finish_reset(self, conn: PooledConnection) -> None:
         conn._dpp_reset_pending = False
@@ -393,6 +512,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             if pgconn.is_busy():
                 left = deadline - monotonic()
                 if left <= 0:
+                    conn._dpp_close_hint = "reset_failed"
                     raise psycopg.OperationalError(
                         f"no answer to the session reset within {self.timeout:g} s"
                     )
@@ -408,6 +528,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 error = res.get_error_message()
         pgconn.is_busy()  # parse what came after the answer (a FATAL, say)
         if error is not None:
+            if pgconn.status == _CONN_OK:
+                conn._dpp_close_hint = "reset_failed"
             raise psycopg.OperationalError(f"session reset failed: {error}")
         _forget_prepared_statements(conn)
         if self._user_configure is not None:
@@ -427,11 +549,17 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             )
 
     def _connect(self, timeout: float | None = None) -> PooledConnection:
+        t0 = monotonic()
         try:
             conn = super()._connect(timeout)
         except Exception as exc:
+            if (record := self.record) is not None:
+                record.counters.connect_errors += 1
             self._connect_failed(exc)
             raise
+        if (record := self.record) is not None:
+            record.counters.opened += 1
+            record.connect.observe(monotonic() - t0)
         if self._failing_since is not None:
             logger.warning(
                 "pool %r: connected again after %.1f s of failed attempts",
@@ -472,6 +600,59 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             attempt = _ReconnectAttempt(timeout=self.reconnect_timeout)
         super()._add_connection(attempt, growing)
 
+    # -- what it is doing ---------------------------------------------------
+
+    def live_state(self, now: float | None = None) -> _stats.Live:
+        """Sizes, checkouts and waits at this moment (see stats.Live)."""
+        if now is None:
+            now = monotonic()
+        leased = list(self._leased)
+        waits = list(self._waits.values())
+        failing = self._failing_since
+        return _stats.Live(
+            open=not self._closed,
+            size=self._nconns,
+            idle=len(self._pool) + len(self._parked),
+            in_use=len(leased),
+            waiting=sum(1 for w in list(self._waiting) if w.conn is None and w.error is None),
+            oldest_checkout=max((now - c._dpp_out_at for c in leased), default=0.0),
+            longest_wait=max((now - t for t in waits), default=0.0),
+            failing_for=now - failing if failing is not None else 0.0,
+            last_failure=self._last_failure if failing is not None else "",
+        )
+
+    def _describe_state(self) -> str:
+        live = self.live_state()
+        return (
+            f"size={live.size}, max_size={self.max_size}, idle={live.idle}, "
+            f"in use={live.in_use}, waiting={live.waiting}"
+        )
+
+    def _find_leaks(self) -> None:
+        """Log each connection held longer than leak_timeout, once."""
+        limit = self.leak_timeout
+        if limit is None:
+            return
+        now = monotonic()
+        for conn in list(self._leased):
+            if conn._dpp_leak_reported or now - conn._dpp_out_at < limit:
+                continue
+            stack = conn._dpp_stack
+            if stack is None:
+                continue  # returned meanwhile
+            conn._dpp_leak_reported = True
+            if (record := self.record) is not None:
+                record.counters.leaks += 1
+            where = "".join(traceback.StackSummary.from_list(list(reversed(stack))).format())
+            logger.warning(
+                "pool %r: a connection has been checked out for %.1f s (leak_timeout=%g); "
+                "it was checked out at:\n%s",
+                self.name,
+                now - conn._dpp_out_at,
+                limit,
+                where,
+            )
+
     # -- pool-wide operations ---------------------------------------------
 
     def _get_measures(self) -> dict[str, int]:
@@ -485,21 +666,47 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._unpark()
         with self._lock:
             conns = list(self._pool)
+        closed = 0
         for conn in conns:
             if conn._dpp_reset_pending:
                 try:
                     self._finish_reset(conn)
                 except Exception:
-                    conn.close()
+                    self._close_connection(conn)
+                    closed += 1
+        lost = self._stats[self._CONNECTIONS_LOST]
         super().check()
+        # The base class drops the broken ones it finds (ours included).
+        broken = self._stats[self._CONNECTIONS_LOST] - lost - closed
+        if broken > 0 and (record := self.record) is not None:
+            record.closed("broken", broken)
+
+    def _start_initial_tasks(self) -> None:
+        super()._start_initial_tasks()
+        logger.info(
+            "pool %r opened for alias %r (min_size=%d, max_size=%d, %s)",
+            self.name,
+            self.alias,
+            self.min_size,
+            self.max_size,
+            "{}:{}/{}".format(*self.database),
+        )
+        if self.leak_timeout is not None:
+            self.run_task(Schedule(self, _FindLeaks(self), self.leak_timeout / 2))
+        from .transport import ensure_publishing
+
+        ensure_publishing()
 
     def close(self, timeout: float = 5.0) -> None:
         if self._pid != os.getpid():
             # Inherited through fork: the parent owns its sockets and threads.
             self._disown()
             return
+        was_open = not self._closed
         self._unpark()  # into the pool, which closes them
         super().close(timeout)
+        if was_open:
+            logger.info("pool %r closed (alias %r)", self.name, self.alias)
         # Parked by a thread between the two calls above: nothing parks
         # in a closed pool, so these are the last.
         for conn in list(self._parked):
@@ -508,12 +715,20 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 
     def _disown(self) -> None:
         """Forget an inherited pool without I/O, locks or threads."""
+        if self._pid == -1:
+            return  # done already
+        self._pid = -1
         self._closed = True  # also keeps __del__ from signalling dead workers
         conns = list(self._pool) + list(self._leased) + list(self._parked)
         self._parked.clear()
         for w in list(self._waiting):
             if w.conn is not None:
                 conns.append(w.conn)
+        # Counted in the child's own record (stats.forget_all() ran).
+        record = _stats.record_for(self.alias)
+        record.config = record.config or _stats.config_of(self.options, self.database, self.user)
+        if self.record is not None and conns:
+            record.closed("fork", len(conns))
         for conn in conns:
             _neutralize(conn)
             conn._dpp_pool = None
@@ -527,6 +742,15 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 #: Longest wait between two attempts to open a connection to a server that
 #: refused the last one (seconds): a bounded rate, a quick recovery.
 RECONNECT_DELAY_MAX = 0.5
+
+
+class _FindLeaks(MaintenanceTask):
+    """Look for leaked connections every leak_timeout / 2 seconds."""
+
+    def _run(self, pool: ConnectionPool[Any]) -> None:
+        assert isinstance(pool, DjangoPool) and pool.leak_timeout is not None
+        pool.schedule_task(self, pool.leak_timeout / 2)
+        pool._find_leaks()
 
 
 class _ReconnectAttempt(AttemptWithBackoff):
@@ -672,6 +896,8 @@ class _ReclaimConnection(MaintenanceTask):
             "pool %r: a thread ended without closing its connection; it is back in the pool",
             pool.name,
         )
+        if (record := pool.record) is not None:
+            record.counters.reclaimed += 1
         pool.putconn(conn)
 
 
@@ -737,6 +963,7 @@ def release(conn: PooledConnection, generation: int) -> None:
 def _after_fork_in_child() -> None:
     global _pools_pid, _pools_lock
     _pools_lock = threading.Lock()  # the parent may have held it
+    _stats.forget_all()
     inherited = list(_pools.values())
     _pools.clear()
     _pools_pid = os.getpid()

@@ -42,6 +42,9 @@ BAD_VALUES: dict[str, Any] = {
     "reset_session": "yes",
     "password_provider": "myapp.nowhere.token",
     "fail_fast": "yes",
+    "stats": "on",
+    "leak_timeout": 0,
+    "log_waits_over": -1,
 }
 
 

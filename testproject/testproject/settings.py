@@ -21,6 +21,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
     "demoapp",
+    "django_pooled_pg",
 ]
 MIDDLEWARE: list[str] = []
 
@@ -46,6 +47,24 @@ DATABASES = {
         "TEST": {"MIRROR": "default"},
     },
 }
+
+# A shared stats cache and a metrics token, for tests that run several
+# processes (tests/test_deployment.py); without these variables the defaults
+# stand: a local-memory cache (nothing published) and no token.
+if _stats_dir := os.environ.get("DPP_STATS_CACHE_DIR"):
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "stats": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": _stats_dir,
+        },
+    }
+    POOLED_PG_STATS = {
+        "CACHE": "stats",
+        "INTERVAL": float(os.environ.get("DPP_STATS_INTERVAL", "5")),
+    }
+if _metrics_token := os.environ.get("DPP_METRICS_TOKEN"):
+    POOLED_PG_METRICS_TOKEN = _metrics_token
 
 LOGGING = {
     "version": 1,

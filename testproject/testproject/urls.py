@@ -1,3 +1,6 @@
+import importlib.util
+import os
+
 from django.urls import path
 
 from demoapp import async_views, views
@@ -8,3 +11,10 @@ urlpatterns = [
     path("ahit/", async_views.ahit),
     path("athread/", async_views.athread),
 ]
+
+# The pools' Prometheus metrics, for tests that scrape a multi-worker server
+# (tests/test_deployment.py); prometheus_client is an optional extra.
+if os.environ.get("DPP_METRICS_TOKEN") and importlib.util.find_spec("prometheus_client"):
+    from django_pooled_pg.metrics import metrics_view
+
+    urlpatterns.append(path("metrics/", metrics_view))

@@ -1,0 +1,144 @@
+"""``manage.py poolstats``: what every process's pools are doing, and the server's view."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
+
+from django_pooled_pg.report import (
+    FORMATS,
+    Report,
+    build_report,
+    render_json,
+    render_prometheus,
+    render_table,
+)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise CommandError(f"--watch is {value!r}; it must be a number of seconds > 0.")
+    return seconds
+
+
+class Command(BaseCommand):
+    help = (
+        "Show the connection pools of every process of this deployment (through the "
+        "stats cache), totals, and the server's view from pg_stat_activity."
+    )
+    requires_system_checks: list[str] = []  # works on a broken deployment too
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--database",
+            metavar="ALIAS",
+            help="Only this alias (default: every alias that uses django_pooled_pg).",
+        )
+        parser.add_argument(
+            "--format",
+            dest="output_format",
+            default=None,
+            help=f"Output format: {', '.join(FORMATS)} (default: table).",
+        )
+        parser.add_argument("--json", action="store_true", help="The same as --format json.")
+        parser.add_argument(
+            "--watch",
+            metavar="SECONDS",
+            help="Refresh every SECONDS, with per-second rates, until Ctrl-C.",
+        )
+        parser.add_argument(
+            "--local",
+            action="store_true",
+            help="Only this process: do not read other processes' stats.",
+        )
+        parser.add_argument(
+            "--no-server",
+            action="store_true",
+            help="Do not query pg_stat_activity.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        fmt = options["output_format"]
+        if options["json"]:
+            if fmt not in (None, "json"):
+                raise CommandError(f"--json and --format {fmt} contradict each other.")
+            fmt = "json"
+        fmt = fmt or "table"
+        if fmt not in FORMATS:
+            raise CommandError(f"--format is {fmt!r}; it must be one of: {', '.join(FORMATS)}.")
+        watch = _seconds(options["watch"]) if options["watch"] is not None else None
+        if watch is not None and fmt == "prometheus":
+            raise CommandError("--watch works with --format table or json, not prometheus.")
+        aliases = self._aliases(options["database"])
+
+        def build() -> Report:
+            return build_report(
+                aliases, deployment=not options["local"], server=not options["no_server"]
+            )
+
+        if watch is None:
+            self._emit(fmt, build(), None, None)
+            return
+        previous: Report | None = None
+        tty = sys.stdout.isatty()
+        try:
+            while True:
+                report = build()
+                if tty and fmt == "table":
+                    self.stdout.write("\x1b[H\x1b[2J", ending="")  # clear, top left
+                self._emit(fmt, report, previous, watch)
+                previous = report
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            self.stdout.write("")
+            return
+
+    def _emit(self, fmt: str, report: Report, previous: Report | None, watch: float | None) -> None:
+        if fmt == "json":
+            text = json.dumps(render_json(report, previous), indent=None if watch else 2)
+        elif fmt == "prometheus":
+            text = render_prometheus(report)
+        else:
+            text = render_table(report, previous, color=self.style)
+        self.stdout.write(text, ending="" if text.endswith("\n") else "\n")
+        self.stdout.flush()
+
+    def _aliases(self, wanted: str | None) -> list[str]:
+        from django_pooled_pg.base import DatabaseWrapper
+        from django_pooled_pg.measures import pooled_aliases
+
+        configured = list(connections)
+        if wanted is not None:
+            if wanted not in configured:
+                raise CommandError(
+                    f"--database {wanted!r}: no such alias. Configured aliases: "
+                    f"{', '.join(configured)}."
+                )
+            wrapper = connections[wanted]
+            if not isinstance(wrapper, DatabaseWrapper):
+                raise CommandError(
+                    f"--database {wanted!r} uses ENGINE "
+                    f"{wrapper.settings_dict['ENGINE']!r}, not django_pooled_pg: it has no pool."
+                )
+            if not wrapper.pooled:
+                raise CommandError(
+                    f"--database {wanted!r} uses django_pooled_pg with pooling off "
+                    "(OPTIONS['pool'] is False): it has no pool."
+                )
+            return [wanted]
+        found = pooled_aliases()
+        if not found:
+            raise CommandError(
+                "No database alias uses django_pooled_pg with pooling on. Configured "
+                f"aliases: {', '.join(configured)}."
+            )
+        return found
