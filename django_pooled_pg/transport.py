@@ -2,10 +2,11 @@
 
 Each process that has a pool publishes its stats every ``INTERVAL`` seconds
 to a slot in a shared cache (``settings.POOLED_PG_STATS["CACHE"]``, default
-``"default"``), from a daemon thread. A slot is claimed with ``cache.add``
-(atomic on every shared backend Django ships) and expires after three
-intervals, so a process that died ages out on its own. A reader fetches
-every slot in one ``get_many``.
+``"default"``), from a daemon thread. A slot is claimed with ``cache.add``,
+searched from a random start and read back (the file cache's ``add`` checks,
+then writes: two processes can both think they won), and expires after
+three intervals, so a process that died ages out on its own. A reader
+fetches every slot in one ``get_many``.
 
 The cache is the transport because every process of a deployment already
 reaches it when it is shared (Redis, Memcached, the database cache, files
@@ -158,8 +159,13 @@ class Publisher:
                 return
             if current is None and cache.add(key, payload, self.ttl):
                 return
-        for i in range(MAX_PROCESSES):
-            if cache.add(_slot_key(i), payload, self.ttl):
+        start = secrets.randbelow(MAX_PROCESSES)
+        for n in range(MAX_PROCESSES):
+            i = (start + n) % MAX_PROCESSES
+            if not cache.add(_slot_key(i), payload, self.ttl):
+                continue
+            current = cache.get(_slot_key(i))
+            if current is not None and current.get("ident") == self.ident:
                 self.slot = i
                 return
         self.slot = None
