@@ -15,6 +15,7 @@ from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLData
 from django.db.backends.postgresql.psycopg_any import IsolationLevel
 from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
+from django.utils.functional import cached_property
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
@@ -79,8 +80,9 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         self._dpp_generation = 0
         self._dpp_pool_cache: tuple[tuple[Any, ...], DjangoPool] | None = None
 
-    @property
+    @cached_property
     def wrap_database_errors(self) -> DatabaseErrorWrapper:  # type: ignore[override]
+        # Cached as in Django: it is entered around every query.
         return _ErrorWrapper(self)
 
     # -- which pool --------------------------------------------------------
@@ -244,7 +246,8 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
                     "specified. Use one of the psycopg.IsolationLevel values."
                 ) from None
         self.isolation_level = level  # type: ignore[assignment]
-        pool.open()
+        if pool._closed:  # not opened yet (open() is idempotent but not free)
+            pool.open()
         conn = pool.getconn()
         conn._dpp_owner = weakref.ref(self)
         self._dpp_generation = conn._dpp_generation

@@ -69,6 +69,7 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_leak_reported: bool = False
     _dpp_close_hint: str | None = None  # why it is about to be closed
     _dpp_close_counted: bool = False
+    _dpp_poller: select.poll | None = None  # polls the socket for a closed session
 
 
 def _watch_for_fatal(conn: PooledConnection) -> None:
@@ -568,6 +569,11 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             )
             self._failing_since = None
         _watch_for_fatal(conn)
+        # One poll object per connection: polling it at checkout is cheaper
+        # than select() with fresh lists every time.
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        conn._dpp_poller = poller
         return conn
 
     def _connect_failed(self, exc: Exception) -> None:
@@ -770,13 +776,17 @@ def _socket_alive(conn: PooledConnection) -> bool:
     pgconn = conn.pgconn
     if conn._dpp_fatal or pgconn.status != _CONN_OK:
         return False
-    try:
-        fd = pgconn.socket
-    except psycopg.OperationalError:
-        return False
+    poller = conn._dpp_poller
+    if poller is None:
+        try:
+            fd = pgconn.socket
+        except psycopg.OperationalError:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        conn._dpp_poller = poller
     for _ in range(2):  # a FATAL, then its EOF
-        readable, _, _ = select.select([fd], [], [], 0)
-        if not readable:
+        if not poller.poll(0):
             break
         try:
             pgconn.consume_input()

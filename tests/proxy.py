@@ -5,6 +5,8 @@ socket: the kernel still acknowledges what peers send, so a client sees a
 server that accepts and never answers (as psycopg_pool's test proxy does).
 ``resume()`` forwards again; connections accepted meanwhile are connected
 upstream then. ``accepted`` records when each client connected.
+``connect_delay`` (seconds) slows each new connection's set-up, as a
+distant or busy server does (the benchmarks' spike scenario).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import time
 
 
 class Proxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, connect_delay: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.connect_delay = connect_delay
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -60,6 +63,8 @@ class Proxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        if self.connect_delay:
+            time.sleep(self.connect_delay)
         self._forwarding.wait()
         if self._stopped.is_set():
             return

@@ -66,6 +66,24 @@ if _stats_dir := os.environ.get("DPP_STATS_CACHE_DIR"):
 if _metrics_token := os.environ.get("DPP_METRICS_TOKEN"):
     POOLED_PG_METRICS_TOKEN = _metrics_token
 
+# The benchmark suite's end-to-end scenario serves this project with other
+# connection strategies (bench/suite.py): Django's backend with a persistent
+# connection, or with Django's own pool.
+if (_strategy := os.environ.get("TESTPROJECT_DB_STRATEGY")) == "persistent":
+    DATABASES["default"] = {
+        "ENGINE": "django.db.backends.postgresql",
+        **_db,
+        "CONN_MAX_AGE": None,
+    }
+elif _strategy == "django-pool":
+    DATABASES["default"] = {
+        "ENGINE": "django.db.backends.postgresql",
+        **_db,
+        "OPTIONS": {"pool": {"min_size": 1, "max_size": int(os.environ.get("POOL_MAX_SIZE", "4"))}},
+    }
+elif _strategy not in (None, "", "pooled"):
+    raise ValueError(f"TESTPROJECT_DB_STRATEGY={_strategy!r}: persistent, django-pool or pooled")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,0 +1,658 @@
+#!/usr/bin/env python3
+"""The benchmark suite: every connection strategy side by side, one command.
+
+    .venv/bin/python bench/suite.py                 # everything (about 15 minutes)
+    .venv/bin/python bench/suite.py --quick         # fewer rounds, shorter runs
+    .venv/bin/python bench/suite.py --scenarios cycle oversubscribed
+
+Each measurement runs in a fresh process with one database alias, so no
+strategy pays for another's aliases (Django's request signals visit every
+alias). Strategies are interleaved within each round and rounds repeated;
+tables give medians and ratios to a persistent connection. Results go to
+``bench/results/suite.json`` and, with matplotlib (``pip install -e .[bench]``),
+``docs/bench.png``. A server comes from ``DATABASE_URL``/``PG*``, else a
+throwaway cluster starts (TCP, password authentication).
+
+Scenarios:
+  cycle           a Django request cycle running SELECT 1; 1, 4 and 16 threads
+                  with max_size = threads, and 1 thread with max_size=2
+  oversubscribed  32 threads on max_size=4: throughput, checkout wait p50/p99, timeouts
+  spike           min_size=5, max_size=10, connection set-up slowed to 150 ms,
+                  50 requests at once holding their connection 2 ms
+  e2e             the test project under gunicorn (2 gthread workers x 4 threads,
+                  max_size=4) loaded by wrk from outside (bench/e2e.py; needs
+                  wrk: apt-get install wrk)
+  soak            one million request cycles on the defaults: RSS and connections
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "testproject"), str(ROOT), str(ROOT / "bench")]
+
+PG = "django.db.backends.postgresql"
+OURS = "django_pooled_pg"
+DBCP = "dj_db_conn_pool.backends.postgresql"
+
+# name -> (ENGINE, CONN_MAX_AGE, pool options; None: no pool)
+STRATEGIES: dict[str, tuple[str, float | None, dict[str, Any] | None]] = {
+    "connect per request": (PG, 0, None),
+    "persistent": (PG, None, None),
+    "django pool": (PG, 0, {}),
+    "ours (defaults)": (OURS, 0, {}),
+    "ours reset_session=False": (OURS, 0, {"reset_session": False}),
+    "ours stats=False": (OURS, 0, {"stats": False}),
+    "django-db-connection-pool": (DBCP, 0, {}),
+}
+POOLS = [s for s in STRATEGIES if STRATEGIES[s][2] is not None]
+
+
+def available(strategy: str) -> bool:
+    if STRATEGIES[strategy][0] != DBCP:
+        return True
+    try:
+        import dj_db_conn_pool  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- the worker: one strategy, one scenario, in its own process ---------------
+
+
+def database(strategy: str, min_size: int, max_size: int, port: str | None) -> dict[str, Any]:
+    import throwaway_pg
+
+    engine, max_age, pool = STRATEGIES[strategy]
+    server = throwaway_pg.database_settings()
+    if port:
+        server["PORT"] = port
+    options: dict[str, Any] = {}
+    db: dict[str, Any] = {"ENGINE": engine, **server, "CONN_MAX_AGE": max_age}
+    if pool is not None and engine == DBCP:
+        db["POOL_OPTIONS"] = {"POOL_SIZE": max_size, "MAX_OVERFLOW": 0, "TIMEOUT": 10}
+    elif pool is not None:
+        options["pool"] = {"min_size": min_size, "max_size": max_size, "timeout": 10, **pool}
+    db["OPTIONS"] = options
+    return db
+
+
+def setup(strategy: str, min_size: int, max_size: int, port: str | None = None) -> None:
+    from django.conf import settings
+
+    settings.configure(
+        DATABASES={"default": database(strategy, min_size, max_size, port)},
+        USE_TZ=True,
+        TIME_ZONE="UTC",
+        INSTALLED_APPS=[],
+    )
+    import django
+
+    django.setup()
+
+
+class ServerSessions:
+    """Samples the database's client sessions (other than its own) every 50 ms."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        import throwaway_pg
+
+        s = throwaway_pg.database_settings()
+        self.conn = psycopg.connect(
+            host=s["HOST"],
+            port=s["PORT"],
+            user=s["USER"],
+            password=s["PASSWORD"],
+            dbname=s["NAME"],
+            autocommit=True,
+        )
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def now(self) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def request(hold: float = 0.0, timed: list[float] | None = None) -> None:
+    """One request as Django's handler runs it: signals around a query."""
+    from django.core.signals import request_finished, request_started
+    from django.db import connection
+
+    request_started.send(sender=None)
+    try:
+        if timed is not None:
+            t0 = time.perf_counter()
+            connection.ensure_connection()
+            timed.append(time.perf_counter() - t0)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        if hold:
+            time.sleep(hold)
+    finally:
+        request_finished.send(sender=None)
+
+
+def run_threads(threads: int, body: Any) -> float:
+    """Run body(index) in *threads* threads released together; the elapsed time."""
+    from django.db import connections
+
+    barrier = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            body(i, barrier)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            connections.close_all()
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def worker_cycle(args: dict[str, Any]) -> dict[str, Any]:
+    threads, n = args["threads"], args["requests"]
+    setup(args["strategy"], args["max_size"], args["max_size"])
+
+    def body(i: int, barrier: threading.Barrier) -> None:
+        for _ in range(50):
+            request()  # warm: connections open, statements cached
+        barrier.wait()
+        for _ in range(n):
+            request()
+
+    sessions = ServerSessions()
+    cpu = time.process_time()
+    elapsed = run_threads(threads, body)
+    cpu = time.process_time() - cpu
+    return {
+        "rps": threads * n / elapsed,
+        # This process's CPU per request: the client side's cost, steadier
+        # than throughput on a busy machine (the warm-up is included).
+        "cpu_us": 1e6 * cpu / (threads * (n + 50)),
+        "server_connections": sessions.stop(),
+    }
+
+
+def worker_oversubscribed(args: dict[str, Any]) -> dict[str, Any]:
+    from django.db import OperationalError
+
+    threads, n = args["threads"], args["requests"]
+    setup(args["strategy"], args["max_size"], args["max_size"])
+    waits: list[list[float]] = [[] for _ in range(threads)]
+    timeouts = [0] * threads
+
+    def body(i: int, barrier: threading.Barrier) -> None:
+        request()
+        barrier.wait()
+        for _ in range(n):
+            try:
+                request(timed=waits[i])
+            except OperationalError:
+                timeouts[i] += 1
+
+    sessions = ServerSessions()
+    elapsed = run_threads(threads, body)
+    every = [w for ws in waits for w in ws]
+    return {
+        "rps": (threads * n - sum(timeouts)) / elapsed,
+        "wait_p50": percentile(every, 0.50),
+        "wait_p99": percentile(every, 0.99),
+        "timeouts": sum(timeouts),
+        "server_connections": sessions.stop(),
+    }
+
+
+def worker_spike(args: dict[str, Any]) -> dict[str, Any]:
+    import throwaway_pg
+    from tests.proxy import Proxy
+
+    s = throwaway_pg.database_settings()
+    proxy = Proxy(s["HOST"], int(s["PORT"]), connect_delay=0.15)
+    setup(args["strategy"], 5, 10, port=str(proxy.port))
+    from django.db import connections
+
+    sessions = ServerSessions()
+    # Warm: the pool open with its min_size connections, as after start-up
+    # (no request yet, which would itself grow the pool).
+    pool = getattr(connections["default"], "pool", None)
+    if pool is not None:
+        pool.open(wait=True, timeout=30)
+    else:  # django-db-connection-pool opens on demand
+        request()
+        connections.close_all()
+    latencies: list[float] = [0.0] * 50
+
+    def body(i: int, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        t0 = time.perf_counter()
+        request(hold=0.002)
+        latencies[i] = time.perf_counter() - t0
+
+    run_threads(50, body)
+    time.sleep(1.0)  # connections the pool was still opening arrive
+    ends_with = sessions.now()
+    peak = sessions.stop()
+    proxy.close()
+    return {
+        "ends_with": ends_with,
+        "server_connections": peak,
+        "latency_p50": percentile(latencies, 0.5),
+        "latency_p99": percentile(latencies, 0.99),
+        "latency_max": max(latencies),
+    }
+
+
+def worker_soak(args: dict[str, Any]) -> dict[str, Any]:
+    import resource
+
+    setup(args["strategy"], 1, 2)
+    sessions = ServerSessions()
+    samples = []
+    total, step = args["requests"], max(args["requests"] // 10, 1)
+    for i in range(total):
+        request()
+        if i % step == step - 1:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+            samples.append({"requests": i + 1, "rss_mb": rss, "sessions": sessions.now()})
+    sessions.stop()
+    return {"samples": samples}
+
+
+WORKERS = {
+    "cycle": worker_cycle,
+    "oversubscribed": worker_oversubscribed,
+    "spike": worker_spike,
+    "soak": worker_soak,
+}
+
+
+# -- the orchestrator ----------------------------------------------------------
+
+
+def measure(scenario: str, **args: Any) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "testproject"), str(ROOT)])}
+    payload = json.dumps({"scenario": scenario, **args})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", payload],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{scenario} {args}: {proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    for r in [header, *rows]:
+        print(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+
+
+def run_cycle(strategies: list[str], rounds: int, requests: int) -> dict[str, Any]:
+    cases = [(1, 1), (1, 2), (4, 4), (16, 16)]
+    out: dict[str, Any] = {}
+    for threads, size in cases:
+        key = f"{threads} thread{'s' if threads > 1 else ''}, max_size={size}"
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
+        for r in range(rounds):
+            order = strategies[r % len(strategies) :] + strategies[: r % len(strategies)]
+            for strategy in order:  # interleaved, starting point rotated
+                n = max(requests // threads, 200)
+                if strategy == "connect per request":
+                    n = max(n // 40, 20)
+                runs[strategy].append(
+                    measure("cycle", strategy=strategy, threads=threads, max_size=size, requests=n)
+                )
+        persistent = median_of(runs["persistent"], "rps")
+        out[key] = {}
+        rows = []
+        for strategy in strategies:
+            rps = median_of(runs[strategy], "rps")
+            out[key][strategy] = {
+                "median_rps": rps,
+                "ratio_to_persistent": rps / persistent,
+                "us_per_request": 1e6 * threads / rps,
+                "server_connections": max(r["server_connections"] for r in runs[strategy]),
+                "runs": [r["rps"] for r in runs[strategy]],
+            }
+            rows.append(
+                [
+                    strategy,
+                    f"{rps:,.0f}",
+                    f"{1e6 * threads / rps:.1f}",
+                    f"{rps / persistent:.3f}",
+                    str(out[key][strategy]["server_connections"]),
+                ]
+            )
+        table(
+            f"request cycle, {key} (medians of {rounds})",
+            ["strategy", "req/s", "us/req", "x persistent", "server conns"],
+            rows,
+        )
+    return out
+
+
+def run_oversubscribed(strategies: list[str], rounds: int, requests: int) -> dict[str, Any]:
+    chosen = [s for s in strategies if s in POOLS or s == "persistent"]
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in chosen}
+    for r in range(rounds):
+        for strategy in chosen[r % len(chosen) :] + chosen[: r % len(chosen)]:
+            runs[strategy].append(
+                measure(
+                    "oversubscribed",
+                    strategy=strategy,
+                    threads=32,
+                    max_size=4,
+                    requests=max(requests // 32, 100),
+                )
+            )
+    out: dict[str, Any] = {}
+    rows = []
+    base = median_of(runs["persistent"], "rps") if "persistent" in runs else None
+    for strategy in chosen:
+        rr = runs[strategy]
+        out[strategy] = {
+            "median_rps": median_of(rr, "rps"),
+            "ratio_to_persistent": median_of(rr, "rps") / base if base else None,
+            "wait_p50": median_of(rr, "wait_p50"),
+            "wait_p99": median_of(rr, "wait_p99"),
+            "timeouts": sum(x["timeouts"] for x in rr),
+            "server_connections": max(x["server_connections"] for x in rr),
+        }
+        o = out[strategy]
+        rows.append(
+            [
+                strategy,
+                f"{o['median_rps']:,.0f}",
+                f"{o['ratio_to_persistent']:.3f}" if base else "-",
+                f"{o['wait_p50'] * 1e6:.0f}",
+                f"{o['wait_p99'] * 1e6:.0f}",
+                str(o["timeouts"]),
+                str(o["server_connections"]),
+            ]
+        )
+    table(
+        f"oversubscribed: 32 threads, max_size=4 (persistent: 32 connections), medians of {rounds}",
+        [
+            "strategy",
+            "req/s",
+            "x persistent",
+            "wait p50 us",
+            "wait p99 us",
+            "timeouts",
+            "server conns",
+        ],
+        rows,
+    )
+    return out
+
+
+def run_spike(strategies: list[str], rounds: int) -> dict[str, Any]:
+    chosen = [s for s in strategies if s in POOLS]
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in chosen}
+    for _ in range(rounds):
+        for strategy in chosen:
+            runs[strategy].append(measure("spike", strategy=strategy))
+    out: dict[str, Any] = {}
+    rows = []
+    for strategy in chosen:
+        rr = runs[strategy]
+        out[strategy] = {
+            "ends_with_max": max(x["ends_with"] for x in rr),
+            "ends_with_median": median_of(rr, "ends_with"),
+            "latency_p50": median_of(rr, "latency_p50"),
+            "latency_p99": median_of(rr, "latency_p99"),
+            "latency_max": max(x["latency_max"] for x in rr),
+            "server_connections": max(x["server_connections"] for x in rr),
+        }
+        o = out[strategy]
+        rows.append(
+            [
+                strategy,
+                f"{o['ends_with_median']:g} (max {o['ends_with_max']})",
+                f"{o['latency_p50'] * 1e3:.1f}",
+                f"{o['latency_p99'] * 1e3:.1f}",
+                f"{o['latency_max'] * 1e3:.1f}",
+                str(o["server_connections"]),
+            ]
+        )
+    table(
+        f"spike: min_size=5, max_size=10, 150 ms connection set-up, 50 requests at once "
+        f"holding 2 ms ({rounds} runs)",
+        ["strategy", "ends with", "p50 ms", "p99 ms", "max ms", "peak conns"],
+        rows,
+    )
+    return out
+
+
+def run_soak(requests: int) -> dict[str, Any]:
+    result = measure("soak", strategy="ours (defaults)", requests=requests)
+    samples = result["samples"]
+    first, last = samples[0], samples[-1]
+    growth = last["rss_mb"] - first["rss_mb"]
+    sessions = sorted({s["sessions"] for s in samples})
+    print(f"\nsoak: {requests:,} request cycles on the defaults (max_size=2)")
+    for s in samples:
+        print(
+            f"  after {s['requests']:>9,}: RSS {s['rss_mb']:.1f} MB, server sessions {s['sessions']}"
+        )
+    print(
+        f"  RSS growth after the first {first['requests']:,}: {growth:+.2f} MB; sessions seen: {sessions}"
+    )
+    return {"samples": samples, "rss_growth_mb": growth, "sessions_seen": sessions}
+
+
+def run_e2e(rounds: int, seconds: int) -> dict[str, Any] | None:
+    import shutil
+
+    import e2e
+
+    if shutil.which("wrk") is None:
+        print("\ne2e: skipped, wrk is not installed (apt-get install wrk)")
+        return None
+    e2e.migrate()
+    names = list(e2e.STRATEGIES)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(rounds):
+        for strategy in names[r % len(names) :] + names[: r % len(names)]:
+            runs[strategy].append(e2e.serve_and_load(strategy, seconds, ServerSessions))
+    base = median_of(runs["persistent"], "rps")
+    out: dict[str, Any] = {}
+    rows = []
+    for strategy in names:
+        rr = runs[strategy]
+        o = out[strategy] = {
+            "median_rps": median_of(rr, "rps"),
+            "ratio_to_persistent": median_of(rr, "rps") / base,
+            "latency_p50": median_of(rr, "latency_p50"),
+            "latency_p99": median_of(rr, "latency_p99"),
+            "errors": sum(x["errors"] for x in rr),
+            "server_connections": max(x["server_connections"] for x in rr),
+            "runs": [x["rps"] for x in rr],
+        }
+        rows.append(
+            [
+                strategy,
+                f"{o['median_rps']:,.0f}",
+                f"{o['ratio_to_persistent']:.3f}",
+                f"{o['latency_p50'] * 1e3:.1f}",
+                f"{o['latency_p99'] * 1e3:.1f}",
+                str(o["errors"]),
+                str(o["server_connections"]),
+            ]
+        )
+    table(
+        f"end to end: gunicorn 2 workers x 4 threads (max_size=4), wrk 16 connections, "
+        f"{seconds} s, medians of {rounds}",
+        ["strategy", "req/s", "x persistent", "p50 ms", "p99 ms", "errors", "server conns"],
+        rows,
+    )
+    return out
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("\n(no chart: matplotlib is not installed; pip install -e .[bench])")
+        return False
+    cycle = results.get("cycle")
+    if not cycle:
+        return False
+    cases = list(cycle)
+    strategies = [s for s in cycle[cases[0]] if s != "connect per request"]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.8 / len(strategies)
+    for i, strategy in enumerate(strategies):
+        values = [cycle[c][strategy]["ratio_to_persistent"] for c in cases]
+        xs = [j + i * width for j in range(len(cases))]
+        ax.bar(xs, values, width, label=strategy)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(cases))])
+    ax.set_xticklabels(cases)
+    ax.set_ylabel("throughput / persistent connection")
+    ax.set_ylim(0, 1.15)
+    ax.set_title(
+        "Django request cycle (SELECT 1): median throughput relative to a persistent connection"
+    )
+    ax.legend(fontsize=8, ncol=3, loc="lower center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"chart: {path}")
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["cycle", "oversubscribed", "spike", "e2e", "soak"]
+    )
+    parser.add_argument("--e2e-seconds", type=int, default=10)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=6000, help="per run, split among threads")
+    parser.add_argument("--soak-requests", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, shorter runs, 100k soak")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "suite.json")
+    parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "bench.png")
+    args = parser.parse_args()
+    if args.worker:
+        payload = json.loads(args.worker)
+        print(json.dumps(WORKERS[payload["scenario"]](payload)))
+        return 0
+    if args.quick:
+        args.rounds, args.requests, args.soak_requests = 3, 3000, 100_000
+        args.e2e_seconds = 5
+
+    import throwaway_pg
+
+    throwaway_pg.database_settings()  # starts a server for the workers if none is set
+    strategies = [s for s in args.strategies if available(s)]
+    skipped = sorted(set(args.strategies) - set(strategies))
+    if skipped:
+        print(f"not installed, skipped: {', '.join(skipped)}")
+    import django
+    import psycopg
+
+    results: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "django": django.__version__,
+            "psycopg": psycopg.__version__,
+            "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "rounds": args.rounds,
+    }
+    started = time.monotonic()
+    if "cycle" in args.scenarios:
+        results["cycle"] = run_cycle(strategies, args.rounds, args.requests)
+    if "oversubscribed" in args.scenarios:
+        results["oversubscribed"] = run_oversubscribed(strategies, args.rounds, args.requests)
+    if "spike" in args.scenarios:
+        results["spike"] = run_spike(strategies, max(args.rounds // 2, 3))
+    if "e2e" in args.scenarios:
+        results["e2e"] = run_e2e(max(args.rounds // 2, 3), args.e2e_seconds)
+    if "soak" in args.scenarios:
+        results["soak"] = run_soak(args.soak_requests)
+    results["seconds"] = time.monotonic() - started
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"\nresults: {args.json} ({results['seconds']:.0f} s)")
+    chart(results, args.chart)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
