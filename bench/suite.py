@@ -106,7 +106,7 @@ def setup(strategy: str, min_size: int, max_size: int, port: str | None = None) 
 class ServerSessions:
     """Samples the database's client sessions (other than its own) every 50 ms."""
 
-    def __init__(self) -> None:
+    def __init__(self, only_this_process: bool = False) -> None:
         import psycopg
 
         import throwaway_pg
@@ -120,6 +120,9 @@ class ServerSessions:
             dbname=s["NAME"],
             autocommit=True,
         )
+        # Our sessions name their process (application_name "dpp:host:pid:alias"):
+        # with only_this_process, other clients of the server are not counted.
+        self.pattern = f"%dpp:%:{os.getpid()}:%" if only_this_process else "%"
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -128,7 +131,9 @@ class ServerSessions:
     def now(self) -> int:
         row = self.conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND coalesce(application_name, '') LIKE %s",
+            [self.pattern],
         ).fetchone()
         return int(row[0]) if row else 0
 
@@ -295,7 +300,7 @@ def worker_soak(args: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     setup(args["strategy"], 1, 2)
-    sessions = ServerSessions()
+    sessions = ServerSessions(only_this_process=True)
     samples = []
     total, step = args["requests"], max(args["requests"] // 10, 1)
     for i in range(total):
@@ -376,6 +381,7 @@ def run_cycle(strategies: list[str], rounds: int, requests: int) -> dict[str, An
                 "median_rps": rps,
                 "ratio_to_persistent": rps / persistent,
                 "us_per_request": 1e6 * threads / rps,
+                "client_cpu_us": median_of(runs[strategy], "cpu_us"),
                 "server_connections": max(r["server_connections"] for r in runs[strategy]),
                 "runs": [r["rps"] for r in runs[strategy]],
             }
@@ -385,12 +391,13 @@ def run_cycle(strategies: list[str], rounds: int, requests: int) -> dict[str, An
                     f"{rps:,.0f}",
                     f"{1e6 * threads / rps:.1f}",
                     f"{rps / persistent:.3f}",
+                    f"{out[key][strategy]['client_cpu_us']:.1f}",
                     str(out[key][strategy]["server_connections"]),
                 ]
             )
         table(
             f"request cycle, {key} (medians of {rounds})",
-            ["strategy", "req/s", "us/req", "x persistent", "server conns"],
+            ["strategy", "req/s", "us/req", "x persistent", "client CPU us/req", "server conns"],
             rows,
         )
     return out

@@ -49,6 +49,7 @@ _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
 _INERROR = pq.TransactionStatus.INERROR
 _UNKNOWN = pq.TransactionStatus.UNKNOWN
+_ACTIVE = pq.TransactionStatus.ACTIVE
 _CONN_OK = pq.ConnStatus.OK
 _DISCARD_ALL = b"DISCARD ALL"
 
@@ -69,7 +70,6 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_leak_reported: bool = False
     _dpp_close_hint: str | None = None  # why it is about to be closed
     _dpp_close_counted: bool = False
-    _dpp_poller: select.poll | None = None  # polls the socket for a closed session
 
 
 def _watch_for_fatal(conn: PooledConnection) -> None:
@@ -527,7 +527,6 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 break
             if res.status != pq.ExecStatus.COMMAND_OK:
                 error = res.get_error_message()
-        pgconn.is_busy()  # parse what came after the answer (a FATAL, say)
         if error is not None:
             if pgconn.status == _CONN_OK:
                 conn._dpp_close_hint = "reset_failed"
@@ -569,11 +568,6 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             )
             self._failing_since = None
         _watch_for_fatal(conn)
-        # One poll object per connection: polling it at checkout is cheaper
-        # than select() with fresh lists every time.
-        poller = select.poll()
-        poller.register(conn.pgconn.socket, select.POLLIN)
-        conn._dpp_poller = poller
         return conn
 
     def _connect_failed(self, exc: Exception) -> None:
@@ -768,34 +762,26 @@ class _ReconnectAttempt(AttemptWithBackoff):
 
 
 def _socket_alive(conn: PooledConnection) -> bool:
-    """True unless the server closed the session: no round trip.
+    """True unless the server closed the session: no round trip, no GIL release.
 
     An idle connection's socket has nothing to read; a backend that was
-    terminated left its FATAL message and then EOF there.
+    terminated left its FATAL message and then EOF there. Reading is
+    PQconsumeInput on the non-blocking socket (EOF fails it) and parsing is
+    PQgetResult, which on an idle connection never waits and hands an error
+    to the notice handler. Both keep the GIL: poll() and PQisBusy release it,
+    and under load from several threads each release can cost the checkout
+    a thread switch.
     """
     pgconn = conn.pgconn
     if conn._dpp_fatal or pgconn.status != _CONN_OK:
         return False
-    poller = conn._dpp_poller
-    if poller is None:
-        try:
-            fd = pgconn.socket
-        except psycopg.OperationalError:
-            return False
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        conn._dpp_poller = poller
-    for _ in range(2):  # a FATAL, then its EOF
-        if not poller.poll(0):
-            break
-        try:
-            pgconn.consume_input()
-        except psycopg.OperationalError:
-            return False
-        pgconn.is_busy()  # parse it: an error while idle goes to the notice handler
-        if conn._dpp_fatal or pgconn.status != _CONN_OK:
-            return False
-    return True
+    try:
+        pgconn.consume_input()
+        if pgconn.transaction_status != _ACTIVE:  # no query pending: never waits
+            pgconn.get_result()
+    except psycopg.OperationalError:
+        return False
+    return not conn._dpp_fatal and pgconn.status == _CONN_OK
 
 
 def _reset_done(conn: PooledConnection) -> bool:
