@@ -505,30 +505,38 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         deadline = conn._dpp_deadline or monotonic() + self.timeout
         poller = None
         error = None
-        while True:
-            # libpq's PQgetResult waits for the socket while holding the GIL
-            # when a result is incomplete: call it only once is_busy() says
-            # nothing is missing, and wait in poll(), which releases the GIL.
+        # libpq's PQgetResult waits for the socket while holding the GIL when
+        # the answer is incomplete: wait in poll() (which releases it) until
+        # is_busy() says the answer is there. The server sends its whole
+        # answer, CommandComplete and ReadyForQuery, in one write, so once
+        # the first part is in, the rest is too, and the results are read
+        # without asking again: each is_busy() releases the
+        # GIL, and under load from several threads every release can cost a
+        # thread switch.
+        pgconn.consume_input()
+        while pgconn.is_busy():
+            left = deadline - monotonic()
+            if left <= 0:
+                conn._dpp_close_hint = "reset_failed"
+                raise psycopg.OperationalError(
+                    f"no answer to the session reset within {self.timeout:g} s"
+                )
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            poller.poll(1000 * left)
             pgconn.consume_input()
-            if pgconn.is_busy():
-                left = deadline - monotonic()
-                if left <= 0:
-                    conn._dpp_close_hint = "reset_failed"
-                    raise psycopg.OperationalError(
-                        f"no answer to the session reset within {self.timeout:g} s"
-                    )
-                if poller is None:
-                    poller = select.poll()
-                    poller.register(fd, select.POLLIN)
-                poller.poll(1000 * left)
-                continue
-            res = pgconn.get_result()
-            if res is None:
-                break
+        while (res := pgconn.get_result()) is not None:
             if res.status != pq.ExecStatus.COMMAND_OK:
+                # Often the session ending (a FATAL, EOF to follow): the
+                # connection is discarded, and nothing more is read from it.
                 error = res.get_error_message()
+                severity = res.error_field(pq.DiagnosticField.SEVERITY_NONLOCALIZED)
+                if severity in (b"FATAL", b"PANIC"):
+                    conn._dpp_fatal = True  # closed by the server: broken
+                break
         if error is not None:
-            if pgconn.status == _CONN_OK:
+            if pgconn.status == _CONN_OK and not conn._dpp_fatal:
                 conn._dpp_close_hint = "reset_failed"
             raise psycopg.OperationalError(f"session reset failed: {error}")
         _forget_prepared_statements(conn)
