@@ -107,7 +107,10 @@ def test_timeouts_and_rejections_are_counted_and_logged(make_wrapper: Make, capl
     assert counters.rejected == 1 and counters.timeouts == 2
 
 
-def test_closes_are_counted_by_reason(make_wrapper: Make, admin: psycopg.Connection[Any]) -> None:
+def test_closes_are_counted_by_reason(
+    make_wrapper: Make, admin: psycopg.Connection[Any], caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="django_pooled_pg")
     wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "max_lifetime": 0.3})
     query(wrapper)
     wrapper.close()
@@ -115,6 +118,7 @@ def test_closes_are_counted_by_reason(make_wrapper: Make, admin: psycopg.Connect
     query(wrapper)  # the idle one expired: closed, replaced
     wrapper.close()
     assert django_pooled_pg.stats(wrapper.alias).closed_by_reason["lifetime"] == 1
+    assert f"pool '{wrapper.alias}': closed a connection (lifetime)" in caplog.text
 
     broken = make_wrapper(pool={"min_size": 0, "max_size": 1})
     admin.execute("SELECT pg_terminate_backend(%s)", [backend_pid(broken)])
