@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,6 +325,7 @@ def start_throwaway(dbname: str = DEMO_DATABASE) -> ThrowawayServer:
         server = ThrowawayServer(bindir=find_bindir())
         server.init()
         atexit.register(server.destroy)
+        _stop_on_sigterm(server)
         server.start()
         server.createdb(dbname)
         os.environ.update(
@@ -335,6 +337,28 @@ def start_throwaway(dbname: str = DEMO_DATABASE) -> ThrowawayServer:
         )
         _server = server
     return _server
+
+
+def _stop_on_sigterm(server: ThrowawayServer) -> None:
+    """Stop the server when this process is terminated (a CI timeout, kill).
+
+    atexit hooks do not run on a fatal signal, and the cluster would outlive
+    the process. Only a process left with the default SIGTERM action is
+    changed, and only from the main thread; a forked child that inherits
+    the handler leaves the server alone (destroy() checks the owner).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            server.destroy()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # and terminate as the signal meant
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def current_server() -> ThrowawayServer | None:

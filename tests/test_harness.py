@@ -98,3 +98,47 @@ def test_exiting_processes_cannot_kill_the_server(private_server) -> None:
 
     with psycopg.connect(**private_server.conninfo("private")) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+START_AND_WAIT = f"""
+import os, sys, time
+sys.path.insert(0, {str(TESTPROJECT)!r})
+for var in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "DATABASE_URL"):
+    os.environ.pop(var, None)
+import throwaway_pg
+throwaway_pg.database_settings()
+server = throwaway_pg.current_server()
+print(server.port, server._tmp, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_terminated_process_stops_its_server() -> None:
+    """SIGTERM (a CI timeout, kill) skips atexit hooks: the harness stops the
+    server itself, removes its directory, and the process still dies of SIGTERM."""
+    import signal
+    import socket
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", START_AND_WAIT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port, tmp = proc.stdout.readline().split()
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=5):
+            pass  # serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
+        except OSError:
+            break  # refused: stopped
+        assert time.monotonic() < deadline, "the server outlived its process"
+        time.sleep(0.1)
+    assert not Path(tmp).exists()
