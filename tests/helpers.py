@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -80,3 +89,61 @@ def wsgi_get(path: str) -> Any:
         body.close()  # sends request_finished
     assert status[0].startswith("200"), (status, data[:500])
     return json.loads(data)
+
+
+# -- the test project served by a real server process (gunicorn, uvicorn) ----
+
+TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str) -> Any:
+    """GET *url*; its JSON body."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+def start_server(argv: list[str], **env: str) -> subprocess.Popen[str]:
+    """``python -m <argv>`` in the test project, with *env* added to ours."""
+    return subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        cwd=TESTPROJECT,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(TESTPROJECT),
+            "DJANGO_SETTINGS_MODULE": "testproject.settings",
+            **env,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_serving(url: str, proc: subprocess.Popen[str], deadline: float = 30) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            get(url)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the server did not start serving")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM (a graceful stop), SIGKILL after 20 s; the server's stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+    return stderr or ""

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,10 +11,8 @@ import psycopg
 import pytest
 from django.db import connection
 
-from tests.helpers import backend_pids
-from tests.test_gunicorn import free_port
+from tests.helpers import backend_pids, free_port, start_server, stop_server, wait_serving
 
-TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
 MAX_SIZE = 4
 
 
@@ -40,42 +34,15 @@ def test_async_views_under_uvicorn_use_and_return_pooled_connections(
     dbname = connection.settings_dict["NAME"]
     ours = backend_pids(admin, dbname)  # this process's own sessions
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(TESTPROJECT),
-        "DJANGO_SETTINGS_MODULE": "testproject.settings",
-        "PGDATABASE": dbname,
-        "POOL_MAX_SIZE": str(MAX_SIZE),
-        "POOL_OPTIONS_JSON": '{"timeout": 5}',
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "testproject.asgi:application",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=TESTPROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_server(
+        ["uvicorn", "testproject.asgi:application", "--port", str(port), "--log-level", "warning"],
+        PGDATABASE=dbname,
+        POOL_MAX_SIZE=str(MAX_SIZE),
+        POOL_OPTIONS_JSON='{"timeout": 5}',
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                httpx.get(base + "/ping/", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.1)
+        wait_serving(base + "/ping/", proc)
         peak = 0
         for path in ("/ahit/", "/athread/"):
             # Many more requests than connections: they must be returned to be reused.
@@ -97,11 +64,6 @@ def test_async_views_under_uvicorn_use_and_return_pooled_connections(
         assert all(r.status_code == 200 for r in responses)
         assert all(r.elapsed.total_seconds() < 4 for r in responses)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    stderr = proc.stderr.read() if proc.stderr else ""
+        stderr = stop_server(proc)
     assert "thread ended without closing" not in stderr, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from django_pooled_pg.measures import HOSTNAME
 from django_pooled_pg.server import host_hash
-from tests.test_gunicorn import TESTPROJECT, free_port, wait_serving
+from tests.helpers import TESTPROJECT, free_port, start_server, stop_server, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -223,9 +223,6 @@ def deployment(
 ) -> Iterator[Deployment]:
     s = connection.settings_dict  # the migrated test database
     env = {
-        **os.environ,
-        "PYTHONPATH": str(TESTPROJECT),
-        "DJANGO_SETTINGS_MODULE": "testproject.settings",
         "PGHOST": s["HOST"],
         "PGPORT": str(s["PORT"]),
         "PGUSER": s["USER"],
@@ -234,44 +231,27 @@ def deployment(
         "DPP_STATS_CACHE_DIR": str(tmp_path_factory.mktemp("stats-cache")),
         "DPP_STATS_INTERVAL": str(INTERVAL),
         "DPP_METRICS_TOKEN": TOKEN,
+        "DATABASE_URL": "",  # the PG* above name the test database
     }
-    env.pop("DATABASE_URL", None)  # the PG* above name the test database
     port = free_port()
-    proc = subprocess.Popen(
+    proc = start_server(
         [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            str(WORKERS),
-            "-k",
-            "gthread",
-            "--threads",
-            "2",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--graceful-timeout",
-            "5",
+            "gunicorn", "-w", str(WORKERS), "-k", "gthread", "--threads", "2",
+            "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5",
             "testproject.wsgi:application",
         ],
-        cwd=TESTPROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    dep = Deployment(proc, port, env, s["PASSWORD"])
+        **env,
+    )  # fmt: skip
+    # manage.py poolstats runs with what the workers were given.
+    full_env = {**os.environ, "PYTHONPATH": str(TESTPROJECT), **env}
+    full_env["DJANGO_SETTINGS_MODULE"] = "testproject.settings"
+    dep = Deployment(proc, port, full_env, s["PASSWORD"])
     try:
         wait_serving(f"http://127.0.0.1:{port}/ping/", proc)
         dep.workers()
         yield dep
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
+        stderr = stop_server(proc)
     # SIGKILLed workers are expected; a traceback is not.
     assert "Traceback" not in stderr, stderr
     dep.outputs.append(stderr)

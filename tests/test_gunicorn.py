@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +11,7 @@ import psycopg
 import pytest
 from django.db import connection
 
-TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.load(resp)
-
-
-def wait_serving(url: str, proc: subprocess.Popen[str], deadline: float = 30) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            get(url)
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("gunicorn did not start serving")
+from tests.helpers import free_port, get, start_server, stop_server, wait_serving
 
 
 def alive(admin: psycopg.Connection[Any], pid: int) -> bool:
@@ -56,35 +26,14 @@ def test_preloaded_master_and_workers_keep_separate_sessions(
 ) -> None:
     port = free_port()
     report = tmp_path / "preload.txt"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(TESTPROJECT),
-        "DJANGO_SETTINGS_MODULE": "testproject.settings",
-        "PGDATABASE": connection.settings_dict["NAME"],  # the migrated test database
-        "PRELOAD_REPORT": str(report),
-    }
-    proc = subprocess.Popen(
+    proc = start_server(
         [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--preload",
-            "-w",
-            "2",
-            "-k",
-            "sync",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--graceful-timeout",
-            "5",
-            "testproject.wsgi_preload:application",
+            "gunicorn", "--preload", "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{port}",
+            "--graceful-timeout", "5", "testproject.wsgi_preload:application",
         ],
-        cwd=TESTPROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        PGDATABASE=connection.settings_dict["NAME"],  # the migrated test database
+        PRELOAD_REPORT=str(report),
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}/ping/"
     try:
         wait_serving(url, proc)
@@ -110,12 +59,7 @@ def test_preloaded_master_and_workers_keep_separate_sessions(
             assert get(url)["backend_pid"] != master_backend
         assert alive(admin, master_backend)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
+        stderr = stop_server(proc)
     assert "Traceback" not in stderr, stderr
     # The master closed its pool and session at exit.
     deadline = time.monotonic() + 5
