@@ -36,7 +36,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
-from . import measures as _stats
+from . import measures
 from .errors import PoolExhausted, ServerUnavailable
 from .options import PoolOptions
 
@@ -117,8 +117,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self.leak_timeout = options.leak_timeout
         self.log_waits_over = options.log_waits_over
         #: This alias's running record (None: the ``stats`` option is off).
-        record = _stats.record_for(alias)
-        record.config = _stats.config_of(options, database, user)
+        record = measures.record_for(alias)
+        record.config = measures.config_of(options, database, user)
         self.record = record if options.stats else None
         # Checkouts waiting for a connection: thread id -> since when.
         self._waits: dict[int, float] = {}
@@ -291,7 +291,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 
     def _exhausted(self, why: str, t0: float) -> PoolExhausted:
         waited = monotonic() - t0
-        waiting = sum(1 for w in list(self._waiting) if w.conn is None and w.error is None)
+        waiting = self._count_waiting()
         in_use = len(self._leased)
         cause = ""
         if self._failing_since is not None:
@@ -430,7 +430,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._local.close_reason = None
 
     def _close_connection(self, conn: PooledConnection, reason: str | None = None) -> None:
-        """Close a connection, counted under why (see stats.CLOSE_REASONS)."""
+        """Close a connection, counted under why (see measures.CLOSE_REASONS)."""
         if not conn._dpp_close_counted:
             conn._dpp_close_counted = True
             if reason is None:
@@ -509,10 +509,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # the answer is incomplete: wait in poll() (which releases it) until
         # is_busy() says the answer is there. The server sends its whole
         # answer, CommandComplete and ReadyForQuery, in one write, so once
-        # the first part is in, the rest is too, and the results are read
-        # without asking again: each is_busy() releases the
-        # GIL, and under load from several threads every release can cost a
-        # thread switch.
+        # the first part is in, so is the rest, and the results are read
+        # without asking again: each is_busy() releases the GIL, and under
+        # load from several threads every release can cost a thread switch.
         pgconn.consume_input()
         while pgconn.is_busy():
             left = deadline - monotonic()
@@ -610,24 +609,28 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 
     # -- what it is doing ---------------------------------------------------
 
-    def live_state(self, now: float | None = None) -> _stats.Live:
-        """Sizes, checkouts and waits at this moment (see stats.Live)."""
+    def live_state(self, now: float | None = None) -> measures.Live:
+        """Sizes, checkouts and waits at this moment (see measures.Live)."""
         if now is None:
             now = monotonic()
         leased = list(self._leased)
         waits = list(self._waits.values())
         failing = self._failing_since
-        return _stats.Live(
+        return measures.Live(
             open=not self._closed,
             size=self._nconns,
             idle=len(self._pool) + len(self._parked),
             in_use=len(leased),
-            waiting=sum(1 for w in list(self._waiting) if w.conn is None and w.error is None),
+            waiting=self._count_waiting(),
             oldest_checkout=max((now - c._dpp_out_at for c in leased), default=0.0),
             longest_wait=max((now - t for t in waits), default=0.0),
             failing_for=now - failing if failing is not None else 0.0,
             last_failure=self._last_failure if failing is not None else "",
         )
+
+    def _count_waiting(self) -> int:
+        # Clients that timed out stay in psycopg_pool's queue for a while.
+        return sum(1 for w in list(self._waiting) if w.conn is None and w.error is None)
 
     def _describe_state(self) -> str:
         live = self.live_state()
@@ -732,9 +735,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         for w in list(self._waiting):
             if w.conn is not None:
                 conns.append(w.conn)
-        # Counted in the child's own record (stats.forget_all() ran).
-        record = _stats.record_for(self.alias)
-        record.config = record.config or _stats.config_of(self.options, self.database, self.user)
+        # Counted in the child's own record (measures.forget_all() ran).
+        record = measures.record_for(self.alias)
+        record.config = record.config or measures.config_of(self.options, self.database, self.user)
         if self.record is not None and conns:
             record.closed("fork", len(conns))
         for conn in conns:
@@ -967,7 +970,7 @@ def release(conn: PooledConnection, generation: int) -> None:
 def _after_fork_in_child() -> None:
     global _pools_pid, _pools_lock
     _pools_lock = threading.Lock()  # the parent may have held it
-    _stats.forget_all()
+    measures.forget_all()
     inherited = list(_pools.values())
     _pools.clear()
     _pools_pid = os.getpid()

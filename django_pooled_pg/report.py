@@ -188,11 +188,12 @@ def render_json(report: Report, previous: Report | None = None) -> dict[str, Any
     doc = asdict(report)
     doc["schema"] = JSON_SCHEMA
     per_second = rates(report, previous)
-    doc["aliases"] = {}
-    for a, data in zip(report.aliases, asdict(report)["aliases"], strict=True):
-        data.pop("alias")
-        data["rates"] = per_second.get(a.alias)
-        doc["aliases"][a.alias] = data
+    aliases = {}
+    for data in doc["aliases"]:
+        alias = data.pop("alias")
+        data["rates"] = per_second.get(alias)
+        aliases[alias] = data
+    doc["aliases"] = aliases
     return doc
 
 
