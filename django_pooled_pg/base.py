@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import weakref
+from time import monotonic
 from typing import Any
 
 from django.conf import settings
@@ -13,6 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import IsolationLevel
+from django.db.backends.signals import connection_created
 from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
@@ -228,15 +230,59 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
             params["password"] = password()
         return params
 
+    def connect(self) -> None:
+        """Django's connect(), minus what a checkout does not need.
+
+        BaseDatabaseWrapper.connect() (the same from Django 5.2 to 6.1) runs
+        at every checkout: it builds connection parameters the pool already
+        has, and sets autocommit through set_autocommit(), whose checks and
+        nested ensure_connection() find nothing to do on a pooled connection
+        (it comes back in autocommit). Everything else is kept as it is,
+        ``connection_created`` included, which Django's pool also sends at
+        every checkout. test_checkout proves the wrapper ends in the state
+        Django's connect() leaves.
+        """
+        if not self.pooled:
+            super().connect()
+            return
+        self.check_settings()
+        # In case the previous connection was closed while in an atomic block
+        self.in_atomic_block = False
+        self.savepoint_ids = []
+        self.atomic_blocks = []
+        self.needs_rollback = False
+        s = self.settings_dict
+        self.health_check_enabled = s["CONN_HEALTH_CHECKS"]
+        max_age = s["CONN_MAX_AGE"]
+        self.close_at = None if max_age is None else monotonic() + max_age
+        self.closed_in_transaction = False
+        self.errors_occurred = False
+        self.health_check_done = True
+        if type(self).get_new_connection is DatabaseWrapper.get_new_connection:
+            conn = self._checkout()
+        else:  # a subclass's own, called as Django's connect() calls it
+            conn = self.get_new_connection(self.get_connection_params())
+        self.connection = conn
+        if s["AUTOCOMMIT"] and conn.autocommit and not self.run_commit_hooks_on_set_autocommit_on:
+            self.autocommit = True  # what set_autocommit(True) would leave
+        else:
+            self.set_autocommit(s["AUTOCOMMIT"])
+        self.init_connection_state()
+        connection_created.send(sender=self.__class__, connection=self)
+        self.run_on_commit = []
+
     @async_unsafe
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        pool = self.pool
-        if pool is None:
+        if not self.pooled:
             return super().get_new_connection(conn_params)
+        return self._checkout()
+
+    def _checkout(self) -> PooledConnection:
+        pool = self.pool
+        assert pool is not None
         # As Django: the isolation level is validated before connecting, and
         # set on the connection object (client-side) at every checkout.
         options = self.settings_dict["OPTIONS"]
-        level = IsolationLevel.READ_COMMITTED
         if "isolation_level" in options:
             try:
                 level = IsolationLevel(options["isolation_level"])
@@ -245,6 +291,8 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
                     f"Invalid transaction isolation level {options['isolation_level']} "
                     "specified. Use one of the psycopg.IsolationLevel values."
                 ) from None
+        else:
+            level = IsolationLevel.READ_COMMITTED
         self.isolation_level = level  # type: ignore[assignment]
         if pool._closed:  # not opened yet (open() is idempotent but not free)
             pool.open()

@@ -168,8 +168,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 if self._pool and not _reset_done(conn):
                     # Its reset is still in flight and a connection in the
                     # pool is idle: take that one, let this one finish.
-                    self._add_to_pool(conn)
-                elif self._take(conn, deadline):
+                    conn = self._swap(conn)
+                if conn is not None and self._take(conn, deadline):
                     self._checked_out(conn, t0)
                     return conn
         record = self.record
@@ -207,6 +207,22 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                     return conn
         finally:
             del waits[ident]
+
+    def _swap(self, conn: PooledConnection) -> PooledConnection | None:
+        """Put *conn* in the pool and take its oldest idle connection instead.
+
+        A return and a checkout in one critical section: an idle connection
+        in the pool means nobody is waiting, so *conn* goes to the pool.
+        """
+        with self._lock:
+            if self._pool and not self._closed:
+                other = self._pool.popleft()
+                conn._pool = None  # as _add_to_pool does
+                self._pool.append(conn)
+                other._pool = self  # as getconn does
+                return other
+        self._add_to_pool(conn)
+        return None
 
     def _checked_out(self, conn: PooledConnection, t0: float) -> None:
         conn._dpp_out_at = now = monotonic()

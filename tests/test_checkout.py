@@ -142,6 +142,91 @@ def test_connection_created_is_sent_on_every_checkout(make_wrapper: Make) -> Non
     assert len(set(seen)) == 1  # the same physical connection each time
 
 
+# What Django's connect() sets on the wrapper (BaseDatabaseWrapper.connect).
+CONNECT_STATE = (
+    "in_atomic_block", "savepoint_ids", "atomic_blocks", "needs_rollback",
+    "health_check_enabled", "closed_in_transaction", "errors_occurred",
+    "health_check_done", "autocommit", "isolation_level", "run_on_commit",
+    "run_commit_hooks_on_set_autocommit_on",
+)  # fmt: skip
+
+
+def connect_state(wrapper) -> dict:
+    state = {name: getattr(wrapper, name) for name in CONNECT_STATE}
+    state["close_at is set"] = wrapper.close_at is not None
+    state["connection.autocommit"] = wrapper.connection.autocommit
+    state["connection.isolation_level"] = wrapper.connection.isolation_level
+    return state
+
+
+def dirty(wrapper) -> None:
+    """What a previous request can leave on the wrapper."""
+    wrapper.in_atomic_block = True
+    wrapper.needs_rollback = True
+    wrapper.errors_occurred = True
+    wrapper.closed_in_transaction = True
+    wrapper.savepoint_ids = ["s1"]
+    wrapper.atomic_blocks = ["a"]
+    wrapper.run_on_commit = [("s1", print, False)]
+    wrapper.health_check_done = False
+
+
+@pytest.mark.parametrize(
+    ("settings", "options"),
+    [({}, {}), ({"AUTOCOMMIT": False}, {}), ({}, {"isolation_level": 3})],
+    ids=["defaults", "autocommit off", "serializable"],
+)
+def test_checkout_leaves_the_wrapper_as_djangos_connect_does(
+    make_wrapper: Make, settings: dict, options: dict
+) -> None:
+    """The lean connect() for pooled wrappers skips work, never state."""
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1}, options=options, **settings)
+    seen = []
+
+    def receiver(sender, connection, **kwargs):
+        if connection is wrapper:
+            seen.append(connection.connection)
+
+    connection_created.connect(receiver)
+    try:
+        states = []
+        for connect in (type(wrapper).connect, BaseDatabaseWrapper.connect):
+            dirty(wrapper)
+            connect(wrapper)
+            states.append(connect_state(wrapper))
+            backend_pid(wrapper)
+            wrapper.in_atomic_block = False  # dirty() set it: let close() return it
+            wrapper.close()
+            assert wrapper.connection is None
+    finally:
+        connection_created.disconnect(receiver)
+    ours, djangos = states
+    assert ours == djangos
+    assert ours["autocommit"] is (settings.get("AUTOCOMMIT") is not False)
+    assert len(seen) == 2 and seen[0] is seen[1]  # sent at each checkout, one connection
+
+
+def test_a_subclass_get_new_connection_is_still_called(make_wrapper: Make) -> None:
+    base = make_wrapper(pool={"min_size": 0, "max_size": 1})
+    calls = []
+
+    class Custom(type(base)):  # type: ignore[misc]
+        def get_new_connection(self, conn_params):
+            calls.append(conn_params)
+            return super().get_new_connection(conn_params)
+
+    wrapper = Custom(base.settings_dict, base.alias)
+    try:
+        first = backend_pid(wrapper)
+        wrapper.close()
+        assert backend_pid(wrapper) == first
+    finally:
+        wrapper.close()
+    assert calls == [{}, {}]  # once per checkout, with Django's (empty) parameters
+
+
 def test_pool_is_created_lazily(make_wrapper: Make) -> None:
     wrapper = make_wrapper(pool={"max_size": 2})
     pool = wrapper.pool
