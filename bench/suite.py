@@ -650,7 +650,7 @@ def main() -> int:
     if "spike" in args.scenarios:
         results["spike"] = run_spike(strategies, max(args.rounds // 2, 3))
     if "e2e" in args.scenarios:
-        results["e2e"] = run_e2e(max(args.rounds // 2, 3), args.e2e_seconds)
+        results["e2e"] = run_e2e(max(args.rounds, 3), args.e2e_seconds)
     if "soak" in args.scenarios:
         results["soak"] = run_soak(args.soak_requests)
     results["seconds"] = time.monotonic() - started
