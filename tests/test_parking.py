@@ -126,4 +126,10 @@ def test_spare_connection_serves_while_a_reset_is_in_flight(make_wrapper: Make) 
             pids.add(pid)
         wrapper.close()
     assert 1 <= len(pids) <= 3
-    assert wrapper.pool.get_stats()["pool_size"] <= 3
+    stats = wrapper.pool.get_stats()
+    assert stats["pool_size"] <= 3
+    # The swaps lost or doubled nothing: every connection is idle or parked,
+    # and each in one place only.
+    idle, parked = list(wrapper.pool._pool), list(wrapper.pool._parked)
+    assert len(set(idle + parked)) == len(idle) + len(parked) == stats["pool_size"]
+    assert stats["pool_available"] == stats["pool_size"]  # parked counts as available
