@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Run the project from a fresh clone: ``python3 dev.py demo`` or ``python3 dev.py test``.
 
-Creates ``.venv`` beside this file on first use (and again when
-pyproject.toml changes), installs the project with its test dependencies,
-then runs:
+Creates ``.venv`` beside this file on first use, installs the project with
+its test dependencies and the development tools of ``devtools/`` (both
+editable; again when either pyproject.toml changes), then runs:
 
 * ``demo``: the test project on the pooled engine: migrate, serve a burst of
   real HTTP requests from several threads, print the pool's state;
@@ -26,15 +26,25 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 
 
+#: What the venv is installed from: a change to either reinstalls it.
+PROJECTS = (ROOT / "devtools", ROOT)
+
+
 def ensure_venv() -> None:
     stamp = VENV / ".installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for project in PROJECTS:
+        digest.update((project / "pyproject.toml").read_bytes())
+    want = digest.hexdigest()
     if stamp.exists() and stamp.read_text() == want and PYTHON.exists():
         return
     if not PYTHON.exists():
         print(f"dev.py: creating {VENV} with {sys.executable}", file=sys.stderr)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    print("dev.py: installing django-pooled-pg and its test dependencies", file=sys.stderr)
+    print(
+        "dev.py: installing django-pooled-pg, its test dependencies and devtools/",
+        file=sys.stderr,
+    )
     subprocess.run(
         [
             str(PYTHON),
@@ -43,6 +53,8 @@ def ensure_venv() -> None:
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "-e",
+            str(ROOT / "devtools"),
             "-e",
             f"{ROOT}[test]",
         ],

@@ -14,21 +14,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import free_port
+from dpp_devtools.servers import free_port, start_server, stop_server, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTPROJECT = ROOT / "testproject"
 
-STRATEGIES = {
-    # name in the tables -> TESTPROJECT_DB_STRATEGY (testproject/settings.py)
-    "persistent": "persistent",
-    "django pool": "django-pool",
-    "ours (defaults)": "pooled",
-}
+# Names in dpp_devtools.strategies.STRATEGIES, passed to the test project's
+# settings as TESTPROJECT_DB_STRATEGY.
+STRATEGIES = ("persistent", "django pool", "ours (defaults)")
 WRK_SCRIPT = """
 request = function()
   return wrk.format(nil, "/hit/?name=n" .. math.random(1, 100))
@@ -57,36 +54,19 @@ def parse_wrk(text: str) -> dict[str, Any]:
 
 def serve_and_load(strategy: str, seconds: int, sessions_sampler: Any) -> dict[str, Any]:
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT / "testproject"),
-        "DJANGO_SETTINGS_MODULE": "testproject.settings",
-        "TESTPROJECT_DB_STRATEGY": STRATEGIES[strategy],
-        "POOL_MAX_SIZE": "4",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4",
+    server = start_server(
+        ["gunicorn", "-w", "2", "-k", "gthread", "--threads", "4",
          "-b", f"127.0.0.1:{port}", "--log-level", "warning", "testproject.wsgi:application"],
-        cwd=ROOT / "testproject",
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        project=TESTPROJECT,
+        TESTPROJECT_DB_STRATEGY=strategy,
+        POOL_MAX_SIZE="4",
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     script = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                for _ in range(40):  # both workers warm
-                    urllib.request.urlopen(url + "/hit/?name=warm", timeout=5).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    err = server.stderr.read() if server.stderr else ""
-                    raise RuntimeError(f"gunicorn did not serve: {err}") from None
-                time.sleep(0.2)
+        wait_serving(url + "/ping/", server)
+        for _ in range(40):  # both workers warm
+            urllib.request.urlopen(url + "/hit/?name=warm", timeout=5).read()
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
             f.write(WRK_SCRIPT)
             script = f.name
@@ -100,18 +80,14 @@ def serve_and_load(strategy: str, seconds: int, sessions_sampler: Any) -> dict[s
     finally:
         if script:
             os.unlink(script)
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     return {**parse_wrk(wrk.stdout), "server_connections": peak}
 
 
 def migrate() -> None:
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "-v0"],
-        cwd=ROOT / "testproject",
-        env={**os.environ, "PYTHONPATH": str(ROOT / "testproject")},
+        cwd=TESTPROJECT,
+        env={**os.environ, "PYTHONPATH": str(TESTPROJECT)},
         check=True,
     )

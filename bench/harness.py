@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "testproject"), str(ROOT)]
-
-import throwaway_pg  # noqa: E402
+from dpp_devtools import throwaway
 
 
 def setup_django() -> None:
@@ -21,17 +16,13 @@ def setup_django() -> None:
     django.setup()
 
 
-def private_server() -> throwaway_pg.ThrowawayServer:
+def private_server() -> throwaway.ThrowawayServer:
     """A throwaway cluster with a database ``private``; call destroy() after."""
-    server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
-    server.init()
-    server.start()
-    server.createdb("private")
-    return server
+    return throwaway.start_private("private")
 
 
 def pooled_wrapper(
-    server: throwaway_pg.ThrowawayServer,
+    server: throwaway.ThrowawayServer,
     alias: str,
     port: int | None = None,
     options: dict[str, Any] | None = None,

@@ -20,12 +20,13 @@ import threading
 import time
 
 from harness import pooled_wrapper, private_server, setup_django
+from tables import md
 
-import throwaway_pg
+from dpp_devtools.throwaway import ThrowawayServer
 
 
 def run_once(
-    server: throwaway_pg.ThrowawayServer, fail_fast: bool, threads: int, outage: float
+    server: ThrowawayServer, fail_fast: bool, threads: int, outage: float
 ) -> dict[str, float]:
     from django.db import OperationalError
 
@@ -95,22 +96,31 @@ def main() -> int:
                 runs[fail_fast].append(run_once(server, fail_fast, args.threads, args.outage))
     finally:
         server.destroy()
+
+    def med(fail_fast: bool, key: str) -> float:
+        return statistics.median(r[key] for r in runs[fail_fast])
+
     print(f"{args.outage:.0f} s outage, {args.threads} threads, medians of {args.rounds} rounds\n")
-    print(
-        "| fail_fast | requests failed | failed: median latency | failed: max latency "
-        "| slowest request | first success after restart |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for fail_fast, rows in runs.items():
-
-        def med(key: str, rows: list[dict[str, float]] = rows) -> float:
-            return statistics.median(r[key] for r in rows)
-
-        print(
-            f"| {fail_fast} | {med('failed'):.0f} | {med('failed_p50_ms'):.1f} ms | "
-            f"{med('failed_max_ms'):.0f} ms | {med('slowest_s'):.2f} s | "
-            f"{1000 * med('first_success_s'):.0f} ms |"
-        )
+    header = [
+        "fail_fast",
+        "requests failed",
+        "failed: median latency",
+        "failed: max latency",
+        "slowest request",
+        "first success after restart",
+    ]
+    rows = [
+        [
+            str(fail_fast),
+            f"{med(fail_fast, 'failed'):.0f}",
+            f"{med(fail_fast, 'failed_p50_ms'):.1f} ms",
+            f"{med(fail_fast, 'failed_max_ms'):.0f} ms",
+            f"{med(fail_fast, 'slowest_s'):.2f} s",
+            f"{1000 * med(fail_fast, 'first_success_s'):.0f} ms",
+        ]
+        for fail_fast in runs
+    ]
+    print(md(header, rows))
     return 0
 
 

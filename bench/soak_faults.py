@@ -22,7 +22,7 @@ import time
 import psycopg
 from harness import pooled_wrapper, private_server, setup_django
 
-from tests.proxy import Proxy
+from dpp_devtools.proxy import Proxy
 
 
 def rss_mb() -> float:

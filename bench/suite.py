@@ -39,61 +39,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tables import md
+
+from dpp_devtools import throwaway
+from dpp_devtools.strategies import POOLS, STRATEGIES, available, database
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "testproject"), str(ROOT), str(ROOT / "bench")]
-
-PG = "django.db.backends.postgresql"
-OURS = "django_pooled_pg"
-DBCP = "dj_db_conn_pool.backends.postgresql"
-
-# name -> (ENGINE, CONN_MAX_AGE, pool options; None: no pool)
-STRATEGIES: dict[str, tuple[str, float | None, dict[str, Any] | None]] = {
-    "connect per request": (PG, 0, None),
-    "persistent": (PG, None, None),
-    "django pool": (PG, 0, {}),
-    "ours (defaults)": (OURS, 0, {}),
-    "ours reset_session=False": (OURS, 0, {"reset_session": False}),
-    "ours stats=False": (OURS, 0, {"stats": False}),
-    "django-db-connection-pool": (DBCP, 0, {}),
-}
-POOLS = [s for s in STRATEGIES if STRATEGIES[s][2] is not None]
-
-
-def available(strategy: str) -> bool:
-    if STRATEGIES[strategy][0] != DBCP:
-        return True
-    try:
-        import dj_db_conn_pool  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- the worker: one strategy, one scenario, in its own process ---------------
 
 
-def database(strategy: str, min_size: int, max_size: int, port: str | None) -> dict[str, Any]:
-    import throwaway_pg
-
-    engine, max_age, pool = STRATEGIES[strategy]
-    server = throwaway_pg.database_settings()
-    if port:
-        server["PORT"] = port
-    options: dict[str, Any] = {}
-    db: dict[str, Any] = {"ENGINE": engine, **server, "CONN_MAX_AGE": max_age}
-    if pool is not None and engine == DBCP:
-        db["POOL_OPTIONS"] = {"POOL_SIZE": max_size, "MAX_OVERFLOW": 0, "TIMEOUT": 10}
-    elif pool is not None:
-        options["pool"] = {"min_size": min_size, "max_size": max_size, "timeout": 10, **pool}
-    db["OPTIONS"] = options
-    return db
-
-
 def setup(strategy: str, min_size: int, max_size: int, port: str | None = None) -> None:
     from django.conf import settings
 
+    server = throwaway.database_settings()
+    if port:
+        server["PORT"] = port
     settings.configure(
-        DATABASES={"default": database(strategy, min_size, max_size, port)},
+        DATABASES={"default": database(strategy, server, min_size=min_size, max_size=max_size)},
         USE_TZ=True,
         TIME_ZONE="UTC",
         INSTALLED_APPS=[],
@@ -109,9 +73,7 @@ class ServerSessions:
     def __init__(self, only_this_process: bool = False) -> None:
         import psycopg
 
-        import throwaway_pg
-
-        s = throwaway_pg.database_settings()
+        s = throwaway.database_settings()
         self.conn = psycopg.connect(
             host=s["HOST"],
             port=s["PORT"],
@@ -257,10 +219,9 @@ def worker_oversubscribed(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_spike(args: dict[str, Any]) -> dict[str, Any]:
-    import throwaway_pg
-    from tests.proxy import Proxy
+    from dpp_devtools.proxy import Proxy
 
-    s = throwaway_pg.database_settings()
+    s = throwaway.database_settings()
     proxy = Proxy(s["HOST"], int(s["PORT"]), connect_delay=0.15)
     setup(args["strategy"], 5, 10, port=str(proxy.port))
     from django.db import connections
@@ -325,11 +286,9 @@ WORKERS = {
 
 
 def measure(scenario: str, **args: Any) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "testproject"), str(ROOT)])}
     payload = json.dumps({"scenario": scenario, **args})
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", payload],
-        env=env,
         capture_output=True,
         text=True,
         timeout=1200,
@@ -345,16 +304,7 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{title}")
-    for r in [header, *rows]:
-        print(
-            "  "
-            + "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+    print(f"\n{title}\n\n{md(header, rows)}")
 
 
 def run_cycle(strategies: list[str], rounds: int, requests: int) -> dict[str, Any]:
@@ -622,9 +572,10 @@ def main() -> int:
         args.rounds, args.requests, args.soak_requests = 3, 3000, 100_000
         args.e2e_seconds = 5
 
-    import throwaway_pg
-
-    throwaway_pg.database_settings()  # starts a server for the workers if none is set
+    try:
+        throwaway.database_settings()  # starts a server for the workers if none is set
+    except throwaway.NoPostgreSQL as exc:
+        raise SystemExit(str(exc)) from None
     strategies = [s for s in args.strategies if available(s)]
     skipped = sorted(set(args.strategies) - set(strategies))
     if skipped:

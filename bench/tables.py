@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def md(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the one table renderer of bench/ (suite.py and
+    outage.py print theirs with it, so they paste into the docs as printed)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

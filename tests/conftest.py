@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from django.db import connection
 
-import throwaway_pg
 from django_pooled_pg.base import DatabaseWrapper
+from dpp_devtools import throwaway
 from tests.helpers import db_settings
 
 _aliases = itertools.count()
@@ -69,16 +69,13 @@ def admin(transactional_db: None) -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture
-def private_server(django_db_blocker: Any) -> Iterator[throwaway_pg.ThrowawayServer]:
+def private_server(django_db_blocker: Any) -> Iterator[throwaway.ThrowawayServer]:
     """A throwaway cluster of this test's own, to stop and restart at will.
 
     Its database ``private`` is not the test database, so access is allowed
     without pytest-django's fixtures.
     """
-    server = throwaway_pg.ThrowawayServer(bindir=throwaway_pg.find_bindir())
-    server.init()
-    server.start()
-    server.createdb("private")
+    server = throwaway.start_private("private")
     with django_db_blocker.unblock():
         yield server
     server.destroy()

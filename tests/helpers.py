@@ -1,17 +1,14 @@
-"""Helpers shared by the tests (plain functions; fixtures are in conftest)."""
+"""Helpers shared by the tests (plain functions; fixtures are in conftest).
+
+Serving the test project with a real server (start_server, wait_serving,
+stop_server, ...) is in ``dpp_devtools.servers``, shared with the benchmarks.
+"""
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from typing import Any
 import psycopg
 from django.db import connection
 
-import throwaway_pg
+from dpp_devtools.throwaway import ThrowawayServer
 
 
 def db_settings(**overrides: Any) -> dict[str, Any]:
@@ -29,7 +26,7 @@ def db_settings(**overrides: Any) -> dict[str, Any]:
     return settings
 
 
-def private_settings(server: throwaway_pg.ThrowawayServer, **overrides: Any) -> dict[str, Any]:
+def private_settings(server: ThrowawayServer, **overrides: Any) -> dict[str, Any]:
     """Settings for the private cluster's ``private`` database."""
     s = db_settings(
         NAME="private",
@@ -71,6 +68,56 @@ def run_in_thread(fn: Callable[[], Any]) -> Any:
     return box.get("result")
 
 
+class CheckedThread(threading.Thread):
+    """A thread whose exception, a failed assertion included, fails the test:
+    ``join()`` raises it in the joining thread (threads a test runs side by
+    side; ``run_in_thread`` for one at a time)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as exc:  # handed to join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    message: str | Callable[[], str] | None = None,
+) -> Any:
+    """Call *predicate* until it returns a truthy value; return that value.
+
+    It is called at least once, and once more at the deadline, so what holds
+    within *timeout* seconds is seen. Then an AssertionError says what was
+    awaited (*message*; a callable is called then, to describe that moment)
+    and the predicate's last value.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            what = message() if callable(message) else message
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for "
+                f"{what or getattr(predicate, '__qualname__', predicate)}; last value: {value!r}"
+            )
+        time.sleep(min(interval, left))
+
+
 def wsgi_get(path: str) -> Any:
     """One request through Django's real WSGI handler (request_started and
     request_finished fire, unlike with the test Client); the JSON body."""
@@ -91,59 +138,4 @@ def wsgi_get(path: str) -> Any:
     return json.loads(data)
 
 
-# -- the test project served by a real server process (gunicorn, uvicorn) ----
-
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str) -> Any:
-    """GET *url*; its JSON body."""
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.load(resp)
-
-
-def start_server(argv: list[str], **env: str) -> subprocess.Popen[str]:
-    """``python -m <argv>`` in the test project, with *env* added to ours."""
-    return subprocess.Popen(
-        [sys.executable, "-m", *argv],
-        cwd=TESTPROJECT,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(TESTPROJECT),
-            "DJANGO_SETTINGS_MODULE": "testproject.settings",
-            **env,
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_serving(url: str, proc: subprocess.Popen[str], deadline: float = 30) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            get(url)
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("the server did not start serving")
-
-
-def stop_server(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM (a graceful stop), SIGKILL after 20 s; the server's stderr."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, stderr = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, stderr = proc.communicate()
-    return stderr or ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import httpx
@@ -11,7 +10,8 @@ import psycopg
 import pytest
 from django.db import connection
 
-from tests.helpers import backend_pids, free_port, start_server, stop_server, wait_serving
+from dpp_devtools.servers import free_port, start_server, stop_server, wait_serving
+from tests.helpers import backend_pids, wait_until
 
 MAX_SIZE = 4
 
@@ -51,13 +51,21 @@ def test_async_views_under_uvicorn_use_and_return_pooled_connections(
             assert not failed, failed[:3]
             peak = max(peak, len(backend_pids(admin, dbname) - ours))
         assert 1 <= peak <= MAX_SIZE  # uvicorn's sessions: one pool of MAX_SIZE
-        # Afterwards nothing is left checked out or in a transaction.
-        time.sleep(1.5)  # a request thread that ended is reclaimed within 1 s
-        states = admin.execute(
-            "SELECT pid, state FROM pg_stat_activity WHERE datname = %s", [dbname]
-        ).fetchall()
-        server = [state for pid, state in states if pid not in ours]
-        assert server and all(state == "idle" for state in server), states
+
+        def sessions() -> list[tuple[int, str]]:
+            rows = admin.execute(
+                "SELECT pid, state FROM pg_stat_activity WHERE datname = %s", [dbname]
+            ).fetchall()
+            return [(pid, state) for pid, state in rows if pid not in ours]
+
+        # Afterwards nothing is left checked out or in a transaction (a
+        # request thread that ended is reclaimed within 1 s).
+        wait_until(
+            lambda: (now := sessions()) and all(state == "idle" for _, state in now),
+            timeout=1.5,
+            interval=0.05,
+            message=lambda: f"uvicorn's sessions all idle; now {sessions()}",
+        )
         assert proc.poll() is None
         # A second burst after the first still finds free connections at once.
         responses = asyncio.run(burst(base + "/ahit/", requests=40, concurrency=8))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.db import connections
 
+import django_pooled_pg
 from django_pooled_pg.base import DatabaseWrapper
 from tests.conftest import Make
+from tests.helpers import CheckedThread, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "small"])
 
@@ -42,22 +43,25 @@ def query(alias: str) -> int:
         return int(cursor.fetchone()[0])
 
 
-def wait_until_idle(wrapper: DatabaseWrapper, deadline: float = 1.0) -> float:
-    """Seconds until nothing is leased from the pool; fails after *deadline*."""
-    pool = wrapper.pool
-    t0 = time.monotonic()
-    while pool._leased:
-        if time.monotonic() - t0 > deadline:
-            raise AssertionError(f"{len(pool._leased)} connection(s) still out after {deadline} s")
-        time.sleep(0.002)
-    return time.monotonic() - t0
+def wait_until_idle(wrapper: DatabaseWrapper, deadline: float = 1.0) -> None:
+    """Nothing is checked out from the alias's pool within *deadline* seconds."""
+
+    def in_use() -> int:
+        return django_pooled_pg.stats(wrapper.alias).live.in_use
+
+    wait_until(
+        lambda: in_use() == 0,
+        timeout=deadline,
+        interval=0.002,
+        message=lambda: f"every connection back ({in_use()} still out)",
+    )
 
 
 def test_fifty_threads_that_never_close(tiny_alias: str, no_gc: None) -> None:
     pool_wrapper = connections[tiny_alias]
     pids: list[int] = []
     for _ in range(50):
-        t = threading.Thread(target=lambda: pids.append(query(tiny_alias)))
+        t = CheckedThread(target=lambda: pids.append(query(tiny_alias)))
         t.start()
         t.join(10)
         assert not t.is_alive()
@@ -80,7 +84,7 @@ def test_fifty_threads_at_once_that_never_close(tiny_alias: str, no_gc: None) ->
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(50)]
+    threads = [CheckedThread(target=work) for _ in range(50)]
     for t in threads:
         t.start()
     for t in threads:
@@ -110,7 +114,7 @@ def test_reclaimed_connection_is_rolled_back_and_reset(tiny_alias: str, no_gc: N
             cursor.execute("INSERT INTO reclaim_rows VALUES (1)")
             cursor.execute("SET search_path = nowhere")
 
-    t = threading.Thread(target=leave_a_mess)
+    t = CheckedThread(target=leave_a_mess)
     t.start()
     t.join(10)
     wait_until_idle(connections[tiny_alias])
@@ -133,17 +137,18 @@ def test_threads_that_close_are_not_reclaimed_twice(make_wrapper: Make, caplog) 
             cursor.execute("SELECT 1")
         twin.close()
 
-    threads = [threading.Thread(target=work) for _ in range(16)]
+    threads = [CheckedThread(target=work) for _ in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
     pool = wrapper.pool
     assert not [r for r in caplog.records if "thread ended" in r.getMessage()]
-    deadline = time.monotonic() + 5  # a connection may still be opening (growth)
-    while (stats := pool.get_stats())["pool_available"] != stats["pool_size"]:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.01)
+    stats = wait_until(  # a connection may still be opening (growth)
+        lambda: (s := pool.get_stats())["pool_available"] == s["pool_size"] and s,
+        timeout=5,
+        message=lambda: f"every connection idle; now {pool.get_stats()}",
+    )
     assert stats["pool_size"] <= 4  # every connection accounted for: all idle
     # No connection was put back twice: four checkouts at once get four sessions.
     twins = [wrapper.copy() for _ in range(4)]
@@ -159,7 +164,7 @@ def test_threads_that_close_are_not_reclaimed_twice(make_wrapper: Make, caplog) 
 
 def test_reclaim_is_logged(tiny_alias: str, no_gc: None, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="django_pooled_pg")
-    t = threading.Thread(target=lambda: query(tiny_alias))
+    t = CheckedThread(target=lambda: query(tiny_alias))
     t.start()
     t.join(10)
     wait_until_idle(connections[tiny_alias])

@@ -32,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from django_pooled_pg.measures import HOSTNAME
 from django_pooled_pg.server import host_hash
-from tests.helpers import TESTPROJECT, free_port, start_server, stop_server, wait_serving
+from dpp_devtools.servers import free_port, start_server, stop_server, wait_serving
+from tests.helpers import TESTPROJECT, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -95,15 +96,19 @@ class Deployment:
 
     def workers(self, deadline: float = 30) -> set[int]:
         """The master's WORKERS current workers (waits while one is replaced)."""
-        end = time.monotonic() + deadline
-        while True:
+
+        def current() -> set[int] | None:
             assert self.proc.poll() is None, "gunicorn's master exited"
             found = children(self.proc.pid)
-            if len(found) == WORKERS:
-                return found
-            if time.monotonic() > end:
-                raise AssertionError(f"gunicorn has workers {found}, not {WORKERS}")
-            time.sleep(0.05)
+            return found if len(found) == WORKERS else None
+
+        found: set[int] = wait_until(
+            current,
+            timeout=deadline,
+            interval=0.05,
+            message=lambda: f"{WORKERS} workers; gunicorn has {children(self.proc.pid)}",
+        )
+        return found
 
     def hit(self) -> int:
         """One request to /hit/ (ORM reads and writes); the worker's pid."""
@@ -125,11 +130,21 @@ class Deployment:
     def serve_every_worker(self, n: int = 40, deadline: float = 30) -> Counter[int]:
         """At least *n* requests, more until every current worker served one."""
         served = self.serve(n)
-        end = time.monotonic() + deadline
-        while missing := self.workers() - set(served):
-            if time.monotonic() > end:
-                raise AssertionError(f"workers {missing} served nothing of {served}")
-            served += self.serve(2 * WORKERS * 2)
+
+        def every_worker_served() -> bool:
+            if self.workers() <= set(served):
+                return True
+            served.update(self.serve(2 * WORKERS * 2))
+            return False
+
+        wait_until(
+            every_worker_served,
+            timeout=deadline,
+            interval=0,
+            message=lambda: (
+                f"every worker serving; {self.workers() - set(served)} served nothing of {served}"
+            ),
+        )
         return served
 
     # -- poolstats, run as an operator runs it -------------------------------
@@ -157,17 +172,21 @@ class Deployment:
         self, until: Callable[[dict[str, Any]], bool], what: str, deadline: float = 30
     ) -> dict[str, Any]:
         """poolstats --json, again until *until* holds for it."""
-        end = time.monotonic() + deadline
-        while True:
+
+        def shown() -> dict[str, Any] | None:
             doc = self.poolstats_json()
-            if until(doc):
-                return doc
-            if time.monotonic() > end:
-                summary = {
-                    pid: (p["time"], p["counters"]["checkouts"]) for pid, p in rows(doc).items()
-                }
-                raise AssertionError(f"poolstats never showed {what}; last: {summary}")
-            time.sleep(INTERVAL / 2)
+            return doc if until(doc) else None
+
+        def summary() -> str:
+            now = rows(self.poolstats_json())
+            return f"poolstats to show {what}; now: " + str(
+                {pid: (p["time"], p["counters"]["checkouts"]) for pid, p in now.items()}
+            )
+
+        doc: dict[str, Any] = wait_until(
+            shown, timeout=deadline, interval=INTERVAL / 2, message=summary
+        )
+        return doc
 
     def wait_fresh(self, workers: set[int], since: float) -> dict[str, Any]:
         """poolstats once it shows exactly *workers*, each with stats taken
@@ -348,17 +367,19 @@ def test_a_dead_worker_ages_out(deployment: Deployment, transactional_db: None) 
 
     os.kill(victim, signal.SIGKILL)
     killed = time.time()
-    end = time.monotonic() + 30
-    while victim in (now := dep.workers()):
-        assert time.monotonic() < end, "gunicorn did not replace the killed worker"
-        time.sleep(0.05)
+    now = wait_until(
+        lambda: victim not in (found := dep.workers()) and found,
+        timeout=30,
+        interval=0.05,
+        message="gunicorn to replace the killed worker",
+    )
     (replacement,) = now - workers
     assert now == workers - {victim} | {replacement}
 
     # Three intervals after its last publication (at the latest, its death)
     # the dead worker's slot is stale: from then on poolstats never shows it.
     # The replacement has served nothing, so it has no pool and is not shown.
-    time.sleep(max(0.0, killed + 3 * INTERVAL + 0.1 - time.time()))
+    time.sleep(max(0.0, killed + 3 * INTERVAL + 0.1 - time.time()))  # it ages out
 
     def survivors_only(d: dict[str, Any]) -> bool:
         shown = set(rows(d))
@@ -371,9 +392,12 @@ def test_a_dead_worker_ages_out(deployment: Deployment, transactional_db: None) 
         lambda d: victim not in server_sessions(d), f"no session of the dead worker {victim}"
     )
 
-    end = time.monotonic() + 30
-    while replacement not in (served := dep.serve(2 * WORKERS)):
-        assert time.monotonic() < end, "the replacement worker never served a request"
+    served = wait_until(
+        lambda: replacement in (s := dep.serve(2 * WORKERS)) and s,
+        timeout=30,
+        interval=0,
+        message="the replacement worker to serve a request",
+    )
     doc = dep.wait_fresh(now, since=time.time())
     assert rows(doc)[replacement]["counters"]["checkouts"] >= served[replacement]
     assert replacement in server_sessions(doc)
@@ -404,9 +428,8 @@ def test_metrics_view_reports_every_worker_from_any_worker(
     # with a /hit/ on the same keep-alive connection, and scrape (at least 8
     # times) until every worker has answered one. Each reports them all.
     scraped_by: Counter[int] = Counter()
-    end = time.monotonic() + 30
-    while len(scraped_by) < WORKERS or scraped_by.total() < 8:
-        assert time.monotonic() < end, f"scrapes reached only workers {scraped_by}"
+
+    def scrape() -> bool:
         pid, (status, content_type, text) = dep.on_one_connection(
             "/metrics/", {"Authorization": f"Bearer {TOKEN}"}
         )
@@ -414,6 +437,14 @@ def test_metrics_view_reports_every_worker_from_any_worker(
         assert content_type.startswith("text/plain"), content_type
         check(text)
         scraped_by[pid] += 1
+        return len(scraped_by) >= WORKERS and scraped_by.total() >= 8
+
+    wait_until(
+        scrape,
+        timeout=30,
+        interval=0,
+        message=lambda: f"scrapes to reach every worker; reached {scraped_by}",
+    )
     assert set(scraped_by) == workers
 
     check(dep.poolstats("--format", "prometheus", "--database", ALIAS))

@@ -11,11 +11,12 @@ import pytest
 from django.db import OperationalError, connections
 from psycopg_pool import PoolTimeout
 
+import django_pooled_pg
 from demoapp.models import Counter
 from django_pooled_pg import PoolExhausted
 from django_pooled_pg.base import DatabaseWrapper
 from tests.conftest import Make
-from tests.helpers import private_settings
+from tests.helpers import CheckedThread, private_settings, wait_until
 
 
 def hold(wrapper: DatabaseWrapper) -> None:
@@ -61,12 +62,15 @@ def test_exhausted_pool_message_counts_waiters(make_wrapper: Make) -> None:
             outcome.append("got it")
             pool.putconn(conn)
 
-    t = threading.Thread(target=patient)
+    t = CheckedThread(target=patient)
     t.start()
     queued.wait(5)
-    deadline = time.monotonic() + 5
-    while not pool._waiting and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(
+        lambda: django_pooled_pg.stats(wrapper.alias).live.waiting,
+        timeout=5,
+        interval=0.005,
+        message="the patient client queued",
+    )
     with pytest.raises(PoolExhausted, match=r"waiting=1"):
         hold(wrapper.copy())
     wrapper.close()  # the patient one gets it now
@@ -90,11 +94,14 @@ def test_full_queue_is_rejected_at_once(make_wrapper: Make) -> None:
     wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "timeout": 5, "max_waiting": 1})
     hold(wrapper)
     pool = wrapper.pool
-    t = threading.Thread(target=lambda: pool.putconn(pool.getconn(timeout=5)))
+    t = CheckedThread(target=lambda: pool.putconn(pool.getconn(timeout=5)))
     t.start()
-    deadline = time.monotonic() + 5
-    while not pool._waiting and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(
+        lambda: django_pooled_pg.stats(wrapper.alias).live.waiting,
+        timeout=5,
+        interval=0.005,
+        message="a client queued",
+    )
     t0 = time.monotonic()
     with pytest.raises(PoolExhausted, match=r"queue is full \(max_waiting=1\)"):
         hold(wrapper.copy())
@@ -137,12 +144,13 @@ def test_deaf_server_attempt_ends_at_default_connect_timeout(
     with pytest.raises(PoolExhausted):
         hold(wrapper)
     pool = wrapper.pool
-    t0 = time.monotonic()
-    while pool.get_stats().get("connections_errors", 0) == 0 and time.monotonic() - t0 < 30:
-        time.sleep(0.05)
     # The pool's worker gave up on the silent server, it was not stuck for good.
-    assert pool.get_stats().get("connections_errors", 0) >= 1
-    assert time.monotonic() - t0 < DEFAULT_CONNECT_TIMEOUT + 1.5
+    wait_until(
+        lambda: pool.get_stats().get("connections_errors", 0) >= 1,
+        timeout=DEFAULT_CONNECT_TIMEOUT + 1.5,
+        interval=0.05,
+        message="a failed connection attempt",
+    )
 
 
 @pytest.mark.slow
@@ -165,13 +173,16 @@ def test_outage_fails_in_time_and_pool_recovers(private_server) -> None:
             assert time.monotonic() - t0 < 1.5 + 0.5
         private_server.start()
         back = time.monotonic()
-        while True:
+
+        def serves() -> bool:
             try:
                 hold(wrapper)
-                break
+                return True
             except OperationalError:
                 wrapper.close()
-                assert time.monotonic() - back < 10, "pool did not recover"
+                return False
+
+        wait_until(serves, timeout=10, interval=0, message="the pool to recover")
         recovered = time.monotonic() - back
         wrapper.close()
         # No restart of the application; no failure afterwards either.
@@ -226,9 +237,9 @@ def test_return_and_check_never_wait_behind_connection_attempts(make_wrapper: Ma
     pool.resize(min_size=3, max_size=4)
     try:
         assert _stalling.wait(5)
-        deadline = time.monotonic() + 5
-        while pool._tasks.qsize() and time.monotonic() < deadline:
-            time.sleep(0.01)  # both attempts taken by the two workers
+        # Both attempts taken by the two workers (psycopg_pool's task queue:
+        # only private state shows it).
+        wait_until(lambda: not pool._tasks.qsize(), timeout=5, message="an empty task queue")
         calls = count_resets.calls
         t0 = time.monotonic()
         wrapper.close()  # reset callback and session reset: inline

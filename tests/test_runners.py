@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from django.db import connection
 from django.db.backends.postgresql.base import DatabaseWrapper as StockWrapper
 from django.test import override_settings
 
-from tests.helpers import db_settings
+from tests.helpers import db_settings, run_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "tests" / "runner_project"
@@ -41,7 +40,7 @@ class Run:
     def __init__(self, argv: list[str], name: str, out: Path) -> None:
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(PROJECT), str(ROOT / "testproject"), str(ROOT)]),
+            "PYTHONPATH": os.pathsep.join([str(PROJECT), str(ROOT)]),
             "RP_DB": name,
             "RP_OUT": str(out),
             "DJANGO_SETTINGS_MODULE": "rp_settings",
@@ -308,18 +307,13 @@ def timezone_everywhere() -> list[str]:
 def run_in_new_thread(fn: Any) -> Any:
     from django.db import connections
 
-    box: dict[str, Any] = {}
-
-    def target() -> None:
+    def target() -> Any:
         try:
-            box["value"] = fn()
+            return fn()
         finally:
             connections.close_all()
 
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(30)
-    return box["value"]
+    return run_in_thread(target)
 
 
 @pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Sao_Paulo"])

@@ -16,6 +16,7 @@ from django_pooled_pg.base import DatabaseWrapper
 from django_pooled_pg.measures import BUCKETS, Histogram
 from django_pooled_pg.server import application_name, parse_application_name
 from tests.conftest import Make
+from tests.helpers import CheckedThread, backend_pids, wait_until
 from tests.test_forking import in_child
 
 
@@ -29,19 +30,14 @@ def backend_pid(wrapper: DatabaseWrapper) -> int:
     return int(query(wrapper, "SELECT pg_backend_pid()"))
 
 
-def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
-
-
 def test_checkouts_resets_and_hold_times_are_counted(make_wrapper: Make) -> None:
     wrapper = make_wrapper(pool={"min_size": 1, "max_size": 2})
+    t0 = time.monotonic()
     for _ in range(10):
         query(wrapper)
-        time.sleep(0.01)  # held about 10 ms (Django closes at the end)
+        time.sleep(0.01)  # held at least 10 ms (Django closes at the end)
         wrapper.close()
+    elapsed = time.monotonic() - t0
     s = django_pooled_pg.stats(wrapper.alias)
     assert s.alias == wrapper.alias
     assert s.counters.checkouts == 10
@@ -49,8 +45,13 @@ def test_checkouts_resets_and_hold_times_are_counted(make_wrapper: Make) -> None
     assert s.counters.timeouts == s.counters.rejected == s.counters.errors == 0
     assert s.counters.opened >= 1 and s.counters.connect_errors == 0
     assert s.hold.count == 10 and s.wait.count == 10
-    assert 0.01 <= s.hold.p50 <= 0.05 and s.hold.max >= 0.01
-    assert s.wait.p50 < 0.01  # a returned connection is taken back at once
+    assert s.hold.p50 >= 0.01 and s.hold.max >= 0.01
+    # Each hold lies within the loop: measured per checkout, whatever the load.
+    assert s.hold.sum <= elapsed
+    # Only the first checkout waited (the pool opened its first connection);
+    # each later one took its returned connection back at once.
+    assert s.counters.checkouts_waited <= 1
+    assert s.wait.p50 < 0.1
     assert s.connect.count == s.counters.opened and s.connect.max > 0
     assert s.live.open and s.live.in_use == 0 and s.live.waiting == 0
     assert s.live.idle == s.live.size >= 1
@@ -69,10 +70,12 @@ def test_live_state_shows_holders_waiters_and_their_ages(make_wrapper: Make) -> 
         got.set()
         other.close()
 
-    t = threading.Thread(target=waiter)
+    t = CheckedThread(target=waiter)
     t.start()
-    wait_for(lambda: django_pooled_pg.stats(wrapper.alias).live.waiting == 1)
-    time.sleep(0.3)
+    wait_until(
+        lambda: django_pooled_pg.stats(wrapper.alias).live.waiting == 1, message="a queued waiter"
+    )
+    time.sleep(0.3)  # the holder and the waiter age
     live = django_pooled_pg.stats(wrapper.alias).live
     assert live.in_use == 1 and live.waiting == 1 and live.idle == 0 and live.size == 1
     assert live.oldest_checkout >= 0.3
@@ -97,9 +100,11 @@ def test_timeouts_and_rejections_are_counted_and_logged(make_wrapper: Make, capl
     assert exhausted and "in use=1" in exhausted[0].getMessage()
 
     # One waiter fills the queue (max_waiting=1); the next is rejected at once.
-    waiter = threading.Thread(target=lambda: pytest.raises(PoolExhausted, query, wrapper.copy()))
+    waiter = CheckedThread(target=lambda: pytest.raises(PoolExhausted, query, wrapper.copy()))
     waiter.start()
-    wait_for(lambda: django_pooled_pg.stats(wrapper.alias).live.waiting == 1)
+    wait_until(
+        lambda: django_pooled_pg.stats(wrapper.alias).live.waiting == 1, message="a queued waiter"
+    )
     with pytest.raises(PoolExhausted, match="queue is full"):
         query(wrapper.copy())
     waiter.join(5)
@@ -114,16 +119,18 @@ def test_closes_are_counted_by_reason(
     wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "max_lifetime": 0.3})
     query(wrapper)
     wrapper.close()
-    time.sleep(0.4)
+    time.sleep(0.4)  # the idle one outlives max_lifetime
     query(wrapper)  # the idle one expired: closed, replaced
     wrapper.close()
     assert django_pooled_pg.stats(wrapper.alias).closed_by_reason["lifetime"] == 1
     assert f"pool '{wrapper.alias}': closed a connection (lifetime)" in caplog.text
 
+    dbname = wrapper.settings_dict["NAME"]
     broken = make_wrapper(pool={"min_size": 0, "max_size": 1})
-    admin.execute("SELECT pg_terminate_backend(%s)", [backend_pid(broken)])
+    pid = backend_pid(broken)
+    admin.execute("SELECT pg_terminate_backend(%s)", [pid])
     broken.close()  # its reset goes to a dead session
-    time.sleep(0.2)
+    wait_until(lambda: pid not in backend_pids(admin, dbname), message=f"backend {pid} to exit")
     query(broken)
     broken.close()
     s = django_pooled_pg.stats(broken.alias)
@@ -132,7 +139,7 @@ def test_closes_are_counted_by_reason(
     lost = make_wrapper(pool={"min_size": 0, "max_size": 1})
     pid = backend_pid(lost)
     admin.execute("SELECT pg_terminate_backend(%s)", [pid])
-    time.sleep(0.2)
+    wait_until(lambda: pid not in backend_pids(admin, dbname), message=f"backend {pid} to exit")
     with pytest.raises(Exception):  # noqa: B017 - the terminated session's error
         query(lost)
     lost.close()  # comes back closed: lost while in use
@@ -149,12 +156,15 @@ def test_closes_are_counted_by_reason(
     idle = make_wrapper(pool={"min_size": 0, "max_size": 2, "max_idle": 0.3})
     query(idle)
     idle.close()
-    wait_for(lambda: django_pooled_pg.stats(idle.alias).closed_by_reason["idle"] >= 1)
+    wait_until(
+        lambda: django_pooled_pg.stats(idle.alias).closed_by_reason["idle"] >= 1,
+        message="a close for max_idle",
+    )
 
     shut = make_wrapper(pool={"min_size": 2, "max_size": 2})
     query(shut)
     shut.close()
-    wait_for(lambda: django_pooled_pg.stats(shut.alias).live.idle == 2)
+    wait_until(lambda: django_pooled_pg.stats(shut.alias).live.idle == 2, message="2 idle")
     shut.close_pool()
     s = django_pooled_pg.stats(shut.alias)
     assert s.closed_by_reason["shutdown"] == 2
@@ -168,10 +178,13 @@ def test_a_dead_threads_connection_is_counted_as_reclaimed(make_wrapper: Make) -
     def leave_open() -> None:
         query(wrapper.copy())  # never closed
 
-    t = threading.Thread(target=leave_open)
+    t = CheckedThread(target=leave_open)
     t.start()
     t.join()
-    wait_for(lambda: django_pooled_pg.stats(wrapper.alias).counters.reclaimed == 1)
+    wait_until(
+        lambda: django_pooled_pg.stats(wrapper.alias).counters.reclaimed == 1,
+        message="the dead thread's connection reclaimed",
+    )
     assert django_pooled_pg.stats(wrapper.alias).live.in_use == 0
 
 
@@ -229,7 +242,11 @@ def test_leaks_are_logged_once_with_the_stack_and_on_return(make_wrapper: Make, 
         query(wrapper)
 
     checkout_site_for_the_leak()
-    wait_for(lambda: django_pooled_pg.stats(wrapper.alias).counters.leaks == 1, timeout=5)
+    wait_until(
+        lambda: django_pooled_pg.stats(wrapper.alias).counters.leaks == 1,
+        timeout=5,
+        message="one leak reported",
+    )
     time.sleep(0.5)  # several more scans: still reported once
     warnings = [r for r in caplog.records if "checked out for" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
@@ -264,7 +281,7 @@ def test_long_waits_are_logged(make_wrapper: Make, caplog) -> None:
         time.sleep(0.3)
         holder.close()
 
-    t = threading.Thread(target=hold_for_a_while)
+    t = CheckedThread(target=hold_for_a_while)
     t.start()
     assert held.wait(5)
     query(wrapper)  # waits about 0.3 s

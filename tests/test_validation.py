@@ -16,6 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 from psycopg_pool import ConnectionPool
 
+import django_pooled_pg
 from django_pooled_pg.base import DatabaseWrapper
 from django_pooled_pg.checks import check_pool_options
 from django_pooled_pg.options import DEFAULT_CONNECT_TIMEOUT, OPTIONS
@@ -264,7 +265,7 @@ def test_invalid_isolation_level_is_rejected_before_checkout(make_wrapper: Make)
     wrapper = make_wrapper(pool={"max_size": 1}, options={"isolation_level": 99})
     with pytest.raises(ImproperlyConfigured, match="Invalid transaction isolation level 99"):
         wrapper.ensure_connection()
-    assert not wrapper.pool._leased
+    assert django_pooled_pg.stats(wrapper.alias).live.in_use == 0
 
 
 # -- secrets ------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Settings of the test project: the pooled engine on a real PostgreSQL.
 
 The server comes from DATABASE_URL or the PG* variables; with neither, a
-throwaway cluster is started for this process (see throwaway_pg).
+throwaway cluster is started for this process (see dpp_devtools.throwaway).
 """
 
 import json
 import os
 
-import throwaway_pg
+from dpp_devtools import strategies, throwaway
 
 SECRET_KEY = "testproject-not-secret"
 DEBUG = False
@@ -25,7 +25,12 @@ INSTALLED_APPS = [
 ]
 MIDDLEWARE: list[str] = []
 
-_db = throwaway_pg.database_settings()
+try:
+    _db = throwaway.database_settings()
+except throwaway.NoPostgreSQL as exc:
+    # The first thing a new user runs (dev.py demo, dev.py test) ends here
+    # when no server can be had: what to do, without a traceback.
+    raise SystemExit(str(exc)) from None
 DATABASES = {
     "default": {
         "ENGINE": "django_pooled_pg",
@@ -66,23 +71,13 @@ if _stats_dir := os.environ.get("DPP_STATS_CACHE_DIR"):
 if _metrics_token := os.environ.get("DPP_METRICS_TOKEN"):
     POOLED_PG_METRICS_TOKEN = _metrics_token
 
-# The benchmark suite's end-to-end scenario serves this project with other
-# connection strategies (bench/suite.py): Django's backend with a persistent
-# connection, or with Django's own pool.
-if (_strategy := os.environ.get("TESTPROJECT_DB_STRATEGY")) == "persistent":
-    DATABASES["default"] = {
-        "ENGINE": "django.db.backends.postgresql",
-        **_db,
-        "CONN_MAX_AGE": None,
-    }
-elif _strategy == "django-pool":
-    DATABASES["default"] = {
-        "ENGINE": "django.db.backends.postgresql",
-        **_db,
-        "OPTIONS": {"pool": {"min_size": 1, "max_size": int(os.environ.get("POOL_MAX_SIZE", "4"))}},
-    }
-elif _strategy not in (None, "", "pooled"):
-    raise ValueError(f"TESTPROJECT_DB_STRATEGY={_strategy!r}: persistent, django-pool or pooled")
+# The benchmark suite's end-to-end scenario serves this project with each
+# strategy it compares (bench/e2e.py): TESTPROJECT_DB_STRATEGY names one of
+# dpp_devtools.strategies.STRATEGIES ("persistent", "django pool", ...).
+if _strategy := os.environ.get("TESTPROJECT_DB_STRATEGY"):
+    DATABASES["default"] = strategies.database(
+        _strategy, _db, min_size=1, max_size=int(os.environ.get("POOL_MAX_SIZE", "4"))
+    )
 
 LOGGING = {
     "version": 1,

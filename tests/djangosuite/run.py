@@ -91,10 +91,12 @@ def django_tests_dir() -> Path:
 
 def server_environment() -> dict[str, str]:
     """PG* variables for the suite's server: the configured one or a throwaway."""
-    sys.path.insert(0, str(ROOT / "testproject"))
-    import throwaway_pg
+    from dpp_devtools import throwaway
 
-    settings = throwaway_pg.database_settings("postgres")
+    try:
+        settings = throwaway.database_settings("postgres")
+    except throwaway.NoPostgreSQL as exc:
+        raise SystemExit(f"djangosuite: {exc}") from None
     env = dict(os.environ)
     env.update(
         PGHOST=settings["HOST"],

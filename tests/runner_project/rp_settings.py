@@ -8,10 +8,10 @@ and ``other`` at a second one.
 
 import os
 
-import throwaway_pg
+from dpp_devtools import throwaway
 
 _name = os.environ.get("RP_DB", "rp")
-_server = {k: v for k, v in throwaway_pg.database_settings(_name).items() if k != "NAME"}
+_server = {k: v for k, v in throwaway.database_settings(_name).items() if k != "NAME"}
 
 SECRET_KEY = "runner-project-not-secret"
 DEBUG = False

