@@ -4,7 +4,8 @@ Use it with ``DATABASES = {"default": {"ENGINE": "django_pooled_pg", ...}}``.
 """
 
 from .errors import PoolExhausted, ServerUnavailable
-from .measures import PoolStats, stats
+from .observability.api import stats
+from .observability.records import PoolStats
 
 __all__ = ["PoolExhausted", "PoolStats", "ServerUnavailable", "stats"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The app: ``manage.py poolstats``, and the pools' Prometheus collector."""
+"""The app: ``manage.py poolstats``, publishing stats, and the Prometheus collector."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ class PooledPgConfig(AppConfig):
     verbose_name = "django-pooled-pg"
 
     def ready(self) -> None:
+        from . import registry
+        from .observability.publisher import ensure_publishing
+
+        # Each process with an open pool publishes its stats for poolstats
+        # (when POOLED_PG_STATS names a shared cache).
+        registry.on_pool_opened(ensure_publishing)
         # With prometheus_client installed, an existing /metrics (the default
         # registry's) shows the pools; POOLED_PG_PROMETHEUS = False opts out.
         if not getattr(settings, "POOLED_PG_PROMETHEUS", True):
@@ -19,6 +25,6 @@ class PooledPgConfig(AppConfig):
             import prometheus_client  # noqa: F401
         except ImportError:
             return
-        from .metrics import register_default
+        from .observability.prometheus import register_default
 
         register_default()

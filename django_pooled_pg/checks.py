@@ -12,7 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
-from .options import iter_errors
+from .errors import PERSISTENT_CONNECTIONS_MESSAGE
+from .options import collect_errors
 
 ENGINE = "django_pooled_pg"
 
@@ -26,13 +27,11 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         raw = (db.get("OPTIONS") or {}).get("pool", True)
         if raw is False:
             continue
-        for error in iter_errors(alias, raw):
+        for error in collect_errors(alias, raw):
             messages.append(
                 checks.Error(str(error), obj=f"DATABASES[{alias!r}]", id="django_pooled_pg.E001")
             )
         if db.get("CONN_MAX_AGE", 0) != 0:
-            from .base import PERSISTENT_CONNECTIONS_MESSAGE
-
             messages.append(
                 checks.Error(
                     f"DATABASES[{alias!r}]['CONN_MAX_AGE'] is {db['CONN_MAX_AGE']!r}. "

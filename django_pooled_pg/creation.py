@@ -6,7 +6,7 @@ from typing import Any
 
 from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQLDatabaseCreation
 
-from . import pool as pools
+from . import registry
 
 
 class DatabaseCreation(PostgreSQLDatabaseCreation):
@@ -28,7 +28,7 @@ class DatabaseCreation(PostgreSQLDatabaseCreation):
             cs = conn.settings_dict
             if (cs["HOST"], str(cs["PORT"]), cs["NAME"]) in {(host, port, n) for n in names}:
                 conn.close()
-        pools.close_pools(
+        registry.close_matching(
             lambda p: p.database[0] == host and p.database[1] == port and p.database[2] in names
         )
 

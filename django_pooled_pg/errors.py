@@ -1,9 +1,17 @@
-"""Exceptions the engine raises to applications."""
+"""Exceptions the engine raises to applications, and messages shared by several modules."""
 
 from __future__ import annotations
 
 from django.db.utils import OperationalError as DjangoOperationalError
 from psycopg_pool import PoolTimeout
+
+#: Said by the system check and when a pool is created.
+PERSISTENT_CONNECTIONS_MESSAGE = (
+    "Pooling doesn't support persistent connections. Set CONN_MAX_AGE to 0 "
+    "(the default): a pooled connection goes back to the pool at the end of "
+    "each request and stays open there. To bound a connection's age, set "
+    "OPTIONS['pool']['max_lifetime'] (seconds) instead."
+)
 
 
 class PoolExhausted(PoolTimeout, DjangoOperationalError):

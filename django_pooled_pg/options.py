@@ -1,8 +1,12 @@
 """Pool options: names, defaults, validation.
 
 This module is the one place that knows the options of
-``DATABASES[alias]["OPTIONS"]["pool"]``. The system check, the wrapper and
-the configuration reference (``docs/configuration.md``) all read it.
+``DATABASES[alias]["OPTIONS"]["pool"]``: each is a field of ``PoolOptions``
+whose metadata says everything about it (type, default, accepted values,
+meaning, the psycopg_pool argument it becomes, whether poolstats shows it).
+Validation, the psycopg_pool arguments, the configuration poolstats shows,
+the system check and both option tables (``docs/configuration.md``,
+``README.md``, made by ``docs/gen_options.py``) all derive from it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import contextlib
 import difflib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from django.utils.module_loading import import_string
@@ -46,221 +50,280 @@ class OptionError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
+    """One pool option: everything about it, in one place."""
+
     name: str
     default: Any
     accepted: str  # said in error messages and in the docs
-    doc: str
+    doc: str  # docs/configuration.md
+    summary: str  # the README's option table
     kind: str  # "int", "number", "bool", "str", "callable"
+    bad_example: Any  # a value the docs show being refused
+    default_text: str = ""  # how the docs show the default, if not the value itself
     minimum: float | None = None
     allow_none: bool = False
-    psycopg: bool = True  # passed on to psycopg_pool's ConnectionPool
+    #: The psycopg_pool ConnectionPool argument it is passed as, as it is;
+    #: None: the engine acts on it itself (DjangoPool, the wrapper).
+    psycopg_pool: str | None = None
+    #: Part of the password-free configuration poolstats shows (PoolConfig).
+    shown: bool = False
+
+    def shown_default(self) -> str:
+        if self.default_text:
+            return self.default_text
+        if self.default is None:
+            return "none"
+        if isinstance(self.default, float):
+            return f"`{self.default:g}` s"
+        return f"`{self.default!r}`"
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "min_size",
-        1,
-        "an integer >= 0 (and <= max_size)",
-        "Connections kept open even when idle. One warm connection per process "
-        "serves the first request after a quiet spell without a connect; "
-        "psycopg_pool's default of 4 multiplies by every worker process.",
-        "int",
-        minimum=0,
-    ),
-    Option(
-        "max_size",
-        10,
-        "an integer >= 1 (and >= min_size)",
-        "Most connections this process opens for the alias. Multiply by the "
-        "number of worker processes to stay under the server's max_connections.",
-        "int",
-        minimum=1,
-    ),
-    Option(
-        "timeout",
-        10.0,
-        "a number of seconds > 0",
-        "How long a checkout waits for a free connection before raising "
-        "PoolExhausted. Shorter than gunicorn's 30 s worker timeout, so a "
-        "starved worker reports the cause instead of being killed.",
-        "number",
-        minimum=0,
-    ),
-    Option(
-        "max_waiting",
-        0,
-        "an integer >= 0 (0: no limit)",
-        "Requests allowed to queue for a connection; one more is rejected at "
-        "once with PoolExhausted.",
-        "int",
-        minimum=0,
-    ),
-    Option(
-        "max_lifetime",
-        3600.0,
-        "a number of seconds > 0",
-        "A connection older than this is closed when returned and replaced. "
-        "This is the pooled equivalent of CONN_MAX_AGE.",
-        "number",
-        minimum=0,
-    ),
-    Option(
-        "max_idle",
-        600.0,
-        "a number of seconds > 0",
-        "Connections above min_size unused for this long are closed.",
-        "number",
-        minimum=0,
-    ),
-    Option(
-        "reconnect_timeout",
-        300.0,
-        "a number of seconds > 0",
-        "How long the pool keeps retrying, with backoff, to open a connection "
-        "that failed before it gives up on that slot.",
-        "number",
-        minimum=0,
-    ),
-    Option(
-        "num_workers",
-        2,
-        "an integer >= 1",
-        "Background threads that open and close connections for the pool.",
-        "int",
-        minimum=1,
-    ),
-    Option(
-        "name",
-        None,
-        "a string",
-        "The pool's name in logs and thread names (default: the alias).",
-        "str",
-        allow_none=True,
-    ),
-    Option(
-        "check",
-        None,
-        "a callable taking a psycopg connection, or its dotted path",
-        "Run on every checkout (a round trip). Default: psycopg_pool's "
-        "check_connection when CONN_HEALTH_CHECKS is on, else none. The engine "
-        "always detects connections the server closed, without a round trip.",
-        "callable",
-        allow_none=True,
-    ),
-    Option(
-        "configure",
-        None,
-        "a callable taking a psycopg connection, or its dotted path",
-        "Run on every new connection and again after each session reset, so "
-        "what it sets survives resets. It must use only the connection it is "
-        "given and leave it idle.",
-        "callable",
-        allow_none=True,
-    ),
-    Option(
-        "reset",
-        None,
-        "a callable taking a psycopg connection, or its dotted path",
-        "Run when a connection is returned, in the returning thread, before "
-        "the session reset (never queued behind connection attempts).",
-        "callable",
-        allow_none=True,
-    ),
-    Option(
-        "reset_session",
-        True,
-        "True or False",
-        "Reset the session (DISCARD ALL) when a connection is returned, so no "
-        "SET, SET ROLE, temporary table, advisory lock, LISTEN or prepared "
-        "statement leaks into the next request. False saves the reset's small "
-        "cost but lets one request's session state reach the next one.",
-        "bool",
-        psycopg=False,
-    ),
-    Option(
-        "fail_fast",
-        True,
-        "True or False",
-        "While every connection attempt since the last success has failed and "
-        "the pool holds no connection, checkouts fail at once with "
-        "ServerUnavailable naming the cause (as Django without a pool fails at "
-        "once), instead of each waiting the full timeout; the pool keeps "
-        "retrying in the background. False: checkouts wait up to timeout.",
-        "bool",
-        psycopg=False,
-    ),
-    Option(
-        "password_provider",
-        None,
-        "a callable returning the password, or its dotted path",
-        "Called for each new physical connection, for credentials that expire "
-        "(cloud IAM tokens). Alternative to a callable PASSWORD.",
-        "callable",
-        allow_none=True,
-        psycopg=False,
-    ),
-    Option(
-        "stats",
-        True,
-        "True or False",
-        "Count checkouts, waits, errors and connection closes and keep the "
-        "wait, hold and connect time distributions that django_pooled_pg.stats(), "
-        "manage.py poolstats and the metrics show. False records only the live "
-        "state (sizes, in use, waiting).",
-        "bool",
-        psycopg=False,
-    ),
-    Option(
-        "leak_timeout",
-        None,
-        "a number of seconds > 0, or None (off)",
-        "A connection held longer than this is logged once at WARNING with the "
-        "stack that checked it out, and again at INFO when it comes back. "
-        "Recording the stack costs each checkout some microseconds.",
-        "number",
-        minimum=0,
-        allow_none=True,
-        psycopg=False,
-    ),
-    Option(
-        "log_waits_over",
-        1.0,
-        "a number of seconds > 0, or None (off)",
-        "A checkout that waited longer than this for a connection is logged at "
-        "WARNING on the django_pooled_pg logger, with the pool's state.",
-        "number",
-        minimum=0,
-        allow_none=True,
-        psycopg=False,
-    ),
-)
-
-BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+def _option(**spec: Any) -> Any:
+    """A PoolOptions field described by an Option (its name is the field's)."""
+    return field(metadata={"option": spec})
 
 
 @dataclass(frozen=True)
 class PoolOptions:
-    """Validated options of one pool, defaults filled in, callables resolved."""
+    """Validated options of one pool, defaults filled in, callables resolved.
 
-    min_size: int
-    max_size: int
-    timeout: float
-    max_waiting: int
-    max_lifetime: float
-    max_idle: float
-    reconnect_timeout: float
-    num_workers: int
-    name: str | None
-    check: Callable[[Any], None] | None
-    configure: Callable[[Any], None] | None
-    reset: Callable[[Any], None] | None
-    reset_session: bool
-    fail_fast: bool
-    password_provider: Callable[[], str] | None
-    stats: bool
-    leak_timeout: float | None
-    log_waits_over: float | None
-    check_given: bool  # a user's "check" (even None) overrides CONN_HEALTH_CHECKS
+    Each field is one option of ``DATABASES[alias]["OPTIONS"]["pool"]``, with
+    its description (``OPTIONS``) beside it.
+    """
+
+    min_size: int = _option(
+        default=1,
+        default_text="`1` (at most `max_size`)",
+        accepted="an integer >= 0 (and <= max_size)",
+        doc="Connections kept open even when idle. One warm connection per process "
+        "serves the first request after a quiet spell without a connect; "
+        "psycopg_pool's default of 4 multiplies by every worker process.",
+        summary="connections kept open when idle",
+        kind="int",
+        bad_example=-1,
+        minimum=0,
+        psycopg_pool="min_size",
+        shown=True,
+    )
+    max_size: int = _option(
+        default=10,
+        accepted="an integer >= 1 (and >= min_size)",
+        doc="Most connections this process opens for the alias. Multiply by the "
+        "number of worker processes to stay under the server's max_connections.",
+        summary="most connections per process for this alias",
+        kind="int",
+        bad_example=0,
+        minimum=1,
+        psycopg_pool="max_size",
+        shown=True,
+    )
+    timeout: float = _option(
+        default=10.0,
+        accepted="a number of seconds > 0",
+        doc="How long a checkout waits for a free connection before raising "
+        "PoolExhausted. Shorter than gunicorn's 30 s worker timeout, so a "
+        "starved worker reports the cause instead of being killed.",
+        summary="how long a checkout waits before `PoolExhausted`",
+        kind="number",
+        bad_example=-1,
+        minimum=0,
+        psycopg_pool="timeout",
+        shown=True,
+    )
+    max_waiting: int = _option(
+        default=0,
+        default_text="`0` (no limit)",
+        accepted="an integer >= 0 (0: no limit)",
+        doc="Requests allowed to queue for a connection; one more is rejected at "
+        "once with PoolExhausted.",
+        summary="requests allowed to queue; one more is rejected at once",
+        kind="int",
+        bad_example=-1,
+        minimum=0,
+        psycopg_pool="max_waiting",
+        shown=True,
+    )
+    max_lifetime: float = _option(
+        default=3600.0,
+        accepted="a number of seconds > 0",
+        doc="A connection older than this is closed when returned and replaced. "
+        "This is the pooled equivalent of CONN_MAX_AGE.",
+        summary="a connection older than this is replaced when returned",
+        kind="number",
+        bad_example=0,
+        minimum=0,
+        psycopg_pool="max_lifetime",
+        shown=True,
+    )
+    max_idle: float = _option(
+        default=600.0,
+        accepted="a number of seconds > 0",
+        doc="Connections above min_size unused for this long are closed.",
+        summary="idle connections above `min_size` are closed after this",
+        kind="number",
+        bad_example=0,
+        minimum=0,
+        psycopg_pool="max_idle",
+        shown=True,
+    )
+    reconnect_timeout: float = _option(
+        default=300.0,
+        accepted="a number of seconds > 0",
+        doc="How long the pool keeps retrying, with backoff, to open a connection "
+        "that failed before it gives up on that slot.",
+        summary="how long a failed connection slot keeps retrying",
+        kind="number",
+        bad_example=0,
+        minimum=0,
+        psycopg_pool="reconnect_timeout",
+    )
+    num_workers: int = _option(
+        default=2,
+        accepted="an integer >= 1",
+        doc="Background threads that open and close connections for the pool.",
+        summary="background threads that open and close connections",
+        kind="int",
+        bad_example=0,
+        minimum=1,
+        psycopg_pool="num_workers",
+    )
+    name: str | None = _option(
+        default=None,
+        default_text="the alias",
+        accepted="a string",
+        doc="The pool's name in logs and thread names (default: the alias).",
+        summary="the pool's name in logs",
+        kind="str",
+        bad_example="",
+        allow_none=True,
+    )
+    check: Callable[[Any], None] | None = _option(
+        default=None,
+        default_text="psycopg_pool's check if `CONN_HEALTH_CHECKS`, else none",
+        accepted="a callable taking a psycopg connection, or its dotted path",
+        doc="Run on every checkout (a round trip). Default: psycopg_pool's "
+        "check_connection when CONN_HEALTH_CHECKS is on, else none. The engine "
+        "always detects connections the server closed, without a round trip.",
+        summary="run at every checkout",
+        kind="callable",
+        bad_example="myapp.nowhere.check",
+        allow_none=True,
+    )
+    configure: Callable[[Any], None] | None = _option(
+        default=None,
+        accepted="a callable taking a psycopg connection, or its dotted path",
+        doc="Run on every new connection and again after each session reset, so "
+        "what it sets survives resets. It must use only the connection it is "
+        "given and leave it idle.",
+        summary="run on each new connection and after each session reset",
+        kind="callable",
+        bad_example=42,
+        allow_none=True,
+    )
+    reset: Callable[[Any], None] | None = _option(
+        default=None,
+        accepted="a callable taking a psycopg connection, or its dotted path",
+        doc="Run when a connection is returned, in the returning thread, before "
+        "the session reset (never queued behind connection attempts).",
+        summary="run on each returned connection, before the session reset",
+        kind="callable",
+        bad_example=42,
+        allow_none=True,
+        psycopg_pool="reset",
+    )
+    reset_session: bool = _option(
+        default=True,
+        accepted="True or False",
+        doc="Reset the session (DISCARD ALL) when a connection is returned, so no "
+        "SET, SET ROLE, temporary table, advisory lock, LISTEN or prepared "
+        "statement leaks into the next request. False saves the reset's small "
+        "cost but lets one request's session state reach the next one.",
+        summary="`DISCARD ALL` between requests",
+        kind="bool",
+        bad_example="yes",
+        shown=True,
+    )
+    fail_fast: bool = _option(
+        default=True,
+        accepted="True or False",
+        doc="While every connection attempt since the last success has failed and "
+        "the pool holds no connection, checkouts fail at once with "
+        "ServerUnavailable naming the cause (as Django without a pool fails at "
+        "once), instead of each waiting the full timeout; the pool keeps "
+        "retrying in the background. False: checkouts wait up to timeout.",
+        summary="while the server is unreachable and the pool holds no connection, "
+        "checkouts fail at once with `ServerUnavailable` naming the cause, instead "
+        "of waiting `timeout`",
+        kind="bool",
+        bad_example="yes",
+        shown=True,
+    )
+    password_provider: Callable[[], str] | None = _option(
+        default=None,
+        accepted="a callable returning the password, or its dotted path",
+        doc="Called for each new physical connection, for credentials that expire "
+        "(cloud IAM tokens). Alternative to a callable PASSWORD.",
+        summary="callable (or dotted path) returning the password, per new connection",
+        kind="callable",
+        bad_example="myapp.nowhere.token",
+        allow_none=True,
+    )
+    stats: bool = _option(
+        default=True,
+        accepted="True or False",
+        doc="Count checkouts, waits, errors and connection closes and keep the "
+        "wait, hold and connect time distributions that django_pooled_pg.stats(), "
+        "manage.py poolstats and the metrics show. False records only the live "
+        "state (sizes, in use, waiting).",
+        summary="count checkouts, waits, errors, closes and keep wait/hold/connect "
+        "time distributions",
+        kind="bool",
+        bad_example="on",
+    )
+    leak_timeout: float | None = _option(
+        default=None,
+        default_text="none (off)",
+        accepted="a number of seconds > 0, or None (off)",
+        doc="A connection held longer than this is logged once at WARNING with the "
+        "stack that checked it out, and again at INFO when it comes back. "
+        "Recording the stack costs each checkout some microseconds.",
+        summary="a checkout held longer than this is logged at WARNING with the stack that took it",
+        kind="number",
+        bad_example=0,
+        minimum=0,
+        allow_none=True,
+        shown=True,
+    )
+    log_waits_over: float | None = _option(
+        default=1.0,
+        accepted="a number of seconds > 0, or None (off)",
+        doc="A checkout that waited longer than this for a connection is logged at "
+        "WARNING on the django_pooled_pg logger, with the pool's state.",
+        summary="a checkout that waited longer than this is logged at WARNING with "
+        "the pool's state",
+        kind="number",
+        bad_example=-1,
+        minimum=0,
+        allow_none=True,
+    )
+    #: Not an option: a user's "check" (even None) overrides CONN_HEALTH_CHECKS.
+    check_given: bool = False
+
+    def psycopg_pool_kwargs(self) -> dict[str, Any]:
+        """The options handed to psycopg_pool's ConnectionPool as they are."""
+        return {o.psycopg_pool: getattr(self, o.name) for o in OPTIONS if o.psycopg_pool}
+
+    def shown(self) -> dict[str, Any]:
+        """The options poolstats shows (no credentials), by name."""
+        return {o.name: getattr(self, o.name) for o in OPTIONS if o.shown}
+
+
+#: Every option, in the order of the docs.
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(name=f.name, **f.metadata["option"]) for f in fields(PoolOptions) if f.metadata
+)
+
+BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
 
 
 def _suggest(name: str) -> str:
@@ -317,7 +380,7 @@ def _coerce(alias: str, opt: Option, value: Any) -> Any:
     return float(value) if opt.kind == "number" else value
 
 
-def iter_errors(alias: str, raw: Any) -> list[OptionError]:
+def collect_errors(alias: str, raw: Any) -> list[OptionError]:
     """Every problem with ``OPTIONS["pool"]`` of *alias*, in a stable order."""
     errors: list[OptionError] = []
     with contextlib.suppress(OptionError):
@@ -386,12 +449,3 @@ def parse(alias: str, raw: Any, collect: list[OptionError] | None = None) -> Poo
     if errors:
         raise errors[0]
     return PoolOptions(check_given="check" in given, **values)
-
-
-def psycopg_pool_kwargs(opts: PoolOptions) -> dict[str, Any]:
-    """The options handed to psycopg_pool's ConnectionPool as they are."""
-    return {
-        o.name: getattr(opts, o.name)
-        for o in OPTIONS
-        if o.psycopg and o.name not in ("check", "configure", "reset", "name")
-    }

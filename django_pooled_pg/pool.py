@@ -1,91 +1,48 @@
-"""The process-wide pools and the life of a pooled connection.
+"""``DjangoPool``: psycopg_pool's ConnectionPool, shaped for a Django alias.
 
 A pooled connection goes round one loop:
 
-* checkout (``DjangoPool.getconn``): the session reset sent at the previous
-  return is collected, the socket is polled to catch a backend the server
-  closed while the connection sat idle, and the connection is leased to the
-  calling thread;
-* return (``putconn``): an open transaction is rolled back, the psycopg
-  connection's own settings are restored, and ``DISCARD ALL`` is *sent*
-  without waiting for its answer, so the reset costs the request no round
-  trip.
+* checkout (``getconn``): a connection parked by this thread, else one from
+  the pool; the session reset sent at its previous return is collected and
+  the socket is checked for a backend the server closed while the
+  connection sat idle (``session``), and it is leased to the calling thread
+  (``leases``);
+* return (``release``, Django's close): the session reset is *sent* without
+  waiting for its answer (``session.send_reset``), and the connection is
+  parked for this thread's next checkout, where any other thread can take
+  it too.
 
-Around that loop: a thread that ends while holding a lease gives it back
-(``_ThreadLeases``), a forked child never touches what it inherited
-(``_after_fork_in_child``), and pools close at interpreter exit.
+This module holds the loop and the psycopg_pool hooks it overrides; what
+each step does lives in the module named for it: ``session`` (the pooled
+connection, its reset and liveness), ``leases`` (thread leases, dead-thread
+reclaim, leak reports), ``failures`` (failed connection attempts, fail-fast,
+exhaustion), ``observability.records`` (what the pool reports, through its
+``recorder``). Every private psycopg_pool name used here is listed in
+``upstream``.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import logging
 import os
-import select
 import threading
-import traceback
-import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
-from psycopg import pq
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
+from psycopg_pool.pool import AddConnection, Schedule
 
-from . import measures
+from . import leases, session
 from .errors import PoolExhausted, ServerUnavailable
+from .failures import Outage, ReconnectAttempt, exhausted
+from .observability import records
 from .options import PoolOptions
-
-if TYPE_CHECKING:
-    from .base import DatabaseWrapper
+from .session import IDLE, UNKNOWN, PooledConnection
 
 logger = logging.getLogger("django_pooled_pg")
-
-_IDLE = pq.TransactionStatus.IDLE
-_INTRANS = pq.TransactionStatus.INTRANS
-_INERROR = pq.TransactionStatus.INERROR
-_UNKNOWN = pq.TransactionStatus.UNKNOWN
-_ACTIVE = pq.TransactionStatus.ACTIVE
-_CONN_OK = pq.ConnStatus.OK
-_DISCARD_ALL = b"DISCARD ALL"
-
-
-class PooledConnection(psycopg.Connection[Any]):
-    """A psycopg connection that knows its place in the loop above."""
-
-    # Set by the pool; class defaults keep a fresh connection consistent.
-    _dpp_reset_pending: bool = False
-    _dpp_generation: int = 0  # bumped at every checkout and return
-    _dpp_leases: set[PooledConnection] | None = None  # the holding thread's
-    _dpp_owner: weakref.ref[DatabaseWrapper] | None = None
-    _dpp_pool: DjangoPool | None = None
-    _dpp_fatal: bool = False  # the server said FATAL: it is closing the session
-    _dpp_deadline: float | None = None  # of the checkout that is taking it
-    _dpp_out_at: float = 0.0  # monotonic time of the current checkout
-    _dpp_stack: traceback.StackSummary | None = None  # where it was checked out
-    _dpp_leak_reported: bool = False
-    _dpp_close_hint: str | None = None  # why it is about to be closed
-    _dpp_close_counted: bool = False
-
-
-def _watch_for_fatal(conn: PooledConnection) -> None:
-    """Flag the connection when the server announces it is closing it.
-
-    A terminated backend sends its FATAL message before closing the socket.
-    libpq hands an error that arrives while the connection is idle to the
-    notice processor; the EOF may follow a moment later.
-    """
-    ref = weakref.ref(conn)
-
-    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
-        if diag.severity_nonlocalized in ("FATAL", "PANIC") and (c := ref()) is not None:
-            c._dpp_fatal = True
-
-    conn.add_notice_handler(on_notice)
 
 
 class DjangoPool(ConnectionPool[PooledConnection]):
@@ -93,8 +50,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 
     Differences from the base class, each for a reason stated where it lives:
     a checkout never sleeps after finding a dead connection, it raises
-    ``PoolExhausted`` naming the alias and the pool's state, and returned
-    connections are reset without a round trip.
+    ``PoolExhausted`` naming the alias and the pool's state, returned
+    connections are reset without a round trip and parked for their thread.
     """
 
     def __init__(
@@ -106,27 +63,21 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         check: Callable[[Any], None] | None,
         database: tuple[str, str, str],
         user: str = "",
-        **pool_kwargs: Any,
     ) -> None:
         self.alias = alias
         self.options = options
         self.database = database  # (host, port, dbname), to find pools by database
         self.user = user
-        self.reset_session = options.reset_session
-        self.fail_fast = options.fail_fast
-        self.leak_timeout = options.leak_timeout
-        self.log_waits_over = options.log_waits_over
-        #: This alias's running record (None: the ``stats`` option is off).
-        record = measures.record_for(alias)
-        record.config = measures.config_of(options, database, user)
-        self.record = record if options.stats else None
+        self.pid = os.getpid()  # -1 once disowned in a forked child
+        #: The password-free view of the options that poolstats shows.
+        self.config = records.PoolConfig.build(database, user, options.shown())
+        record = records.record_for(alias)
+        record.config = self.config
+        #: Where the pool reports what it does (records nothing with stats off).
+        self.recorder: records.Recorder = record if options.stats else records.NOT_RECORDING
         # Checkouts waiting for a connection: thread id -> since when.
         self._waits: dict[int, float] = {}
-        # Since when every connection attempt has failed, and the last cause.
-        self._failing_since: float | None = None
-        self._last_failure = ""
-        self._user_configure = options.configure
-        self._pid = os.getpid()
+        self.outage = Outage()
         self._leased: set[PooledConnection] = set()
         # Returned by a thread and kept for its next checkout (see release()).
         self._parked: dict[PooledConnection, float] = {}
@@ -137,9 +88,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             open=False,
             name=options.name or alias,
             check=check,
-            configure=self._configure_new if options.configure else None,
-            reset=options.reset,
-            **pool_kwargs,
+            configure=self._configure_session if options.configure else None,
+            **options.psycopg_pool_kwargs(),
         )
 
     def __repr__(self) -> str:
@@ -165,20 +115,18 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             local.parked = None
             # Ours again unless another thread took it meanwhile.
             if self._parked.pop(conn, None) is not None:
-                if self._pool and not _reset_done(conn):
+                if self._pool and not session.reset_done(conn):
                     # Its reset is still in flight and a connection in the
                     # pool is idle: take that one, let this one finish.
                     conn = self._swap(conn)
                 if conn is not None and self._take(conn, deadline):
                     self._checked_out(conn, t0)
                     return conn
-        record = self.record
-        if self._failing_since is not None and self.fail_fast and self._holds_nothing():
+        if self.outage.ongoing and self.options.fail_fast and self._holds_nothing():
             with self._lock:
                 self._maybe_grow_pool()  # an attempt is always under way
-            if record is not None:
-                record.counters.errors += 1
-            raise self._unavailable()
+            self.recorder.failed()
+            raise self.outage.unavailable(self.alias)
         waits = self._waits
         ident = threading.get_ident()
         waits[ident] = t0
@@ -187,20 +135,17 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 try:
                     conn = self._getconn_unchecked(deadline - monotonic())
                 except PoolTimeout:
-                    if record is not None:
-                        record.counters.timeouts += 1
+                    self.recorder.timed_out()
                     raise self._exhausted(
                         f"no connection was free after {monotonic() - t0:.2f} s", t0
                     ) from None
                 except TooManyRequests:
-                    if record is not None:
-                        record.counters.rejected += 1
+                    self.recorder.rejected()
                     raise self._exhausted(
                         f"the queue is full (max_waiting={self.max_waiting})", t0
                     ) from None
                 except BaseException:
-                    if record is not None:
-                        record.counters.errors += 1
+                    self.recorder.failed()
                     raise
                 if self._take(conn, deadline):
                     self._checked_out(conn, t0)
@@ -224,46 +169,40 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._add_to_pool(conn)
         return None
 
-    def _checked_out(self, conn: PooledConnection, t0: float) -> None:
-        conn._dpp_out_at = now = monotonic()
-        waited = now - t0
-        if (record := self.record) is not None:
-            record.counters.checkouts += 1
-            record.wait.observe(waited)
-        if self.leak_timeout is not None:
-            # Lines are looked up only if the leak is reported.
-            conn._dpp_stack = traceback.StackSummary.extract(
-                traceback.walk_stack(None), lookup_lines=False
-            )
-        if self.log_waits_over is not None and waited > self.log_waits_over:
-            logger.warning(
-                "pool %r: a checkout waited %.2f s for a connection (%s)",
-                self.name,
-                waited,
-                self._describe_state(),
-            )
-
     def _take(self, conn: PooledConnection, deadline: float) -> bool:
-        """Lease a connection taken from the pool, or discard it if unfit."""
-        conn._dpp_deadline = deadline
-        if conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
-            self._close_connection(conn, "lifetime")
-            self._return_connection(conn, from_getconn=True)
+        """Lease a connection taken from the pool, or replace it if unfit."""
+        if self._expired(conn):
+            self._replace(conn, "lifetime")
             return False
+        conn._dpp_deadline = deadline
         try:
             self._check_connection(conn)
         except Exception as exc:
             logger.info("pool %r: discarding a connection at checkout: %s", self.name, exc)
-            self._close_connection(conn)  # broken, or its reset failed
-            self._return_connection(conn, from_getconn=True)
+            self._stats[self._CONNECTIONS_LOST] += 1  # as psycopg_pool counts it
+            self._replace(conn, session.close_reason(exc))
             return False
         except BaseException:
             self._return_connection(conn, from_getconn=True)
             raise
         finally:
             conn._dpp_deadline = None  # pool.check() later gives its own
-        self._lease(conn)
+        self._leased.add(conn)
+        leases.lease(conn, self, self.options.leak_timeout)
         return True
+
+    def _checked_out(self, conn: PooledConnection, t0: float) -> None:
+        conn._dpp_out_at = now = monotonic()
+        waited = now - t0
+        self.recorder.checked_out(waited)
+        limit = self.options.log_waits_over
+        if limit is not None and waited > limit:
+            logger.warning(
+                "pool %r: a checkout waited %.2f s for a connection (%s)",
+                self.name,
+                waited,
+                self._describe_state(),
+            )
 
     def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
         # Under the pool's lock. An idle connection parked by another thread
@@ -284,75 +223,41 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 self._waiting.clear()
                 self._waiting.extend(live)
         ready = super()._get_ready_connection(timeout)
-        if ready is None and (record := self.record) is not None:
-            record.counters.checkouts_waited += 1  # it will queue
+        if ready is None:
+            self.recorder.queued()
         return ready
-
-    def _holds_nothing(self) -> bool:
-        """No connection idle, parked or in use: none could come back."""
-        return not (self._pool or self._parked or self._leased)
-
-    def _unavailable(self) -> ServerUnavailable:
-        since = self._failing_since
-        failing_for = monotonic() - since if since is not None else 0.0
-        return ServerUnavailable(
-            f"Database alias {self.alias!r} is unavailable: connection attempts have "
-            f"failed for {failing_for:.1f} s, the last with: {self._last_failure}. "
-            "The pool keeps retrying and serves again as soon as one succeeds "
-            "(pool option fail_fast=False makes checkouts wait up to timeout instead).",
-            alias=self.alias,
-            cause=self._last_failure,
-            failing_for=failing_for,
-        )
-
-    def _exhausted(self, why: str, t0: float) -> PoolExhausted:
-        waited = monotonic() - t0
-        waiting = self._count_waiting()
-        in_use = len(self._leased)
-        cause = ""
-        if self._failing_since is not None:
-            cause = (
-                f" Connection attempts have been failing for "
-                f"{monotonic() - self._failing_since:.1f} s: {self._last_failure}."
-            )
-        logger.warning(
-            "pool %r exhausted: %s (max_size=%d, in use=%d, waiting=%d, waited %.2f s)",
-            self.name,
-            why,
-            self.max_size,
-            in_use,
-            waiting,
-            waited,
-        )
-        return PoolExhausted(
-            f"Connection pool for database alias {self.alias!r} exhausted: {why} "
-            f"(max_size={self.max_size}, in use={in_use}, waiting={waiting}, "
-            f"waited {waited:.2f} s).{cause} Return connections sooner, raise "
-            "max_size, or raise timeout.",
-            alias=self.alias,
-            max_size=self.max_size,
-            in_use=in_use,
-            waiting=waiting,
-            waited=waited,
-        )
 
     def _check_connection(self, conn: PooledConnection) -> None:
         # Runs for every checkout, before psycopg_pool's own check: finish
         # the reset sent at return, then make sure the server did not close
         # the session while it was idle.
         if conn._dpp_reset_pending:
-            self._finish_reset(conn)
-        if not _socket_alive(conn):
-            raise psycopg.OperationalError("the server closed the connection while it was idle")
+            self._collect_reset(conn)
+        if not session.socket_alive(conn):
+            raise session.SessionBroken("the server closed the connection while it was idle")
         super()._check_connection(conn)
 
-    def _lease(self, conn: PooledConnection) -> None:
-        conn._dpp_generation += 1
-        conn._dpp_pool = self
-        self._leased.add(conn)
-        leases = _thread_leases()
-        leases.add(conn)
-        conn._dpp_leases = leases
+    def _collect_reset(self, conn: PooledConnection) -> None:
+        deadline = conn._dpp_deadline or monotonic() + self.timeout
+        session.collect_reset(conn, deadline, self.timeout)
+        if self.options.configure is not None:
+            self._configure_session(conn)
+
+    def _holds_nothing(self) -> bool:
+        """No connection idle, parked or in use: none could come back."""
+        return not (self._pool or self._parked or self._leased)
+
+    def _exhausted(self, why: str, t0: float) -> PoolExhausted:
+        return exhausted(
+            self.name,
+            self.alias,
+            why,
+            max_size=self.max_size,
+            in_use=len(self._leased),
+            waiting=self._count_waiting(),
+            waited=monotonic() - t0,
+            outage=self.outage,
+        )
 
     # -- return ------------------------------------------------------------
 
@@ -375,45 +280,45 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._return_connection(conn, from_getconn=False, park=True)
 
     def _unlease(self, conn: PooledConnection) -> None:
-        conn._dpp_generation += 1
         self._leased.discard(conn)
-        if (record := self.record) is not None or conn._dpp_leak_reported:
-            held = monotonic() - conn._dpp_out_at
-            if record is not None:
-                record.hold.observe(held)
-            if conn._dpp_leak_reported:
-                conn._dpp_leak_reported = False
-                logger.info(
-                    "pool %r: the connection reported as leaked came back after %.1f s",
-                    self.name,
-                    held,
-                )
-        conn._dpp_stack = None
-        if (leases := conn._dpp_leases) is not None:
-            leases.discard(conn)
-            conn._dpp_leases = None
-        conn._dpp_owner = None
+        held = monotonic() - conn._dpp_out_at
+        self.recorder.returned(held)
+        leases.unlease(conn, self.name, held)
+
+    def _putconn(self, conn: PooledConnection, from_getconn: bool) -> None:
+        # Always in the returning thread. psycopg_pool hands returns to its
+        # workers when a reset callback is set, where they queue behind
+        # connection attempts (up to connect_timeout each to a silent server)
+        # while the pool looks exhausted.
+        self._return_connection(conn, from_getconn=from_getconn)
 
     def _return_connection(
         self, conn: PooledConnection, from_getconn: bool, park: bool = False
     ) -> None:
-        # The base class's, with parking (see release()).
-        self._reset_connection(conn)
-        if conn.pgconn.transaction_status == _UNKNOWN:
-            self._stats[self._RETURNS_BAD if not from_getconn else self._CONNECTIONS_LOST] += 1
-            if not conn._dpp_close_counted:
-                # Closed while in use (terminated, network gone): lost, not
-                # closed by the pool. At checkout, _take() already counted it.
-                conn._dpp_close_counted = True
-                if (record := self.record) is not None:
-                    record.counters.lost += 1
+        # The base class's, with the reset sent, not awaited, and parking.
+        # (Its _reset_connection, which this replaces, warns about what
+        # Django does routinely: returning a connection with autocommit off.)
+        if conn.pgconn.transaction_status == UNKNOWN:
+            # Closed while out of the pool (terminated, network gone).
+            if from_getconn:  # handed to a checkout that had given up
+                self._stats[self._CONNECTIONS_LOST] += 1
+                self.recorder.closed("broken")
+            else:
+                self._stats[self._RETURNS_BAD] += 1
+                self.recorder.lost()
             logger.info("pool %r: replacing a closed connection", self.name)
             self.run_task(AddConnection(self))
             return
-        if conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
+        if self._expired(conn):
             logger.info("pool %r: discarding expired connection", self.name)
-            self._close_connection(conn, "lifetime")
-            self.run_task(AddConnection(self))
+            self._replace(conn, "lifetime")
+            return
+        try:
+            if session.send_reset(conn, self._reset, self.options.reset_session):
+                self.recorder.reset_sent()
+        except Exception as exc:
+            logger.info("pool %r: discarding a returned connection: %s", self.name, exc)
+            self._replace(conn, "reset_failed")
             return
         if park:
             with self._lock:
@@ -433,142 +338,62 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 moved += 1
         return moved
 
-    def _shrink_pool(self) -> None:
-        # A parked connection is idle: let max_idle close it as it would
-        # close one waiting in the pool.
-        if moved := self._unpark(idle_for=self.max_idle):
-            with self._lock:
-                self._nconns_min += moved
-        self._local.close_reason = "idle"
-        try:
-            super()._shrink_pool()
-        finally:
-            self._local.close_reason = None
+    # -- opening and closing connections --------------------------------------
+
+    def _expired(self, conn: PooledConnection) -> bool:
+        return conn._created_at <= self._drained_at or conn._expire_at <= monotonic()
+
+    def _replace(self, conn: PooledConnection, reason: str) -> None:
+        """Close a connection that left the pool's count for *reason*, open another."""
+        self._close_connection(conn, reason)
+        self.run_task(AddConnection(self))
 
     def _close_connection(self, conn: PooledConnection, reason: str | None = None) -> None:
-        """Close a connection, counted under why (see measures.CLOSE_REASONS)."""
-        if not conn._dpp_close_counted:
-            conn._dpp_close_counted = True
+        """Close a connection, counted once under *reason* (see CLOSE_REASONS).
+
+        psycopg_pool's own code calls this without a reason only to close a
+        connection of a closed pool ("shutdown") or an expired or drained one
+        ("lifetime"); every other close here names its reason.
+        """
+        if not conn._dpp_closed:
+            conn._dpp_closed = True
             if reason is None:
-                reason = conn._dpp_close_hint or getattr(self._local, "close_reason", None)
-            if reason is None:
-                if self._closed:
-                    reason = "shutdown"
-                elif conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
-                    reason = "lifetime"
-                else:
-                    reason = "broken"
-            if (record := self.record) is not None:
-                record.closed(reason)
+                reason = "shutdown" if self._closed else "lifetime"
+            self.recorder.closed(reason)
             log = logger.debug if reason == "shutdown" else logger.info
             log("pool %r: closed a connection (%s)", self.name, reason)
         super()._close_connection(conn)
 
-    def _putconn(self, conn: PooledConnection, from_getconn: bool) -> None:
-        # Always in the returning thread. psycopg_pool hands returns to its
-        # workers when a reset callback is set, where they queue behind
-        # connection attempts (up to connect_timeout each to a silent server)
-        # while the pool looks exhausted.
-        self._return_connection(conn, from_getconn=from_getconn)
+    def _shrink_pool(self) -> None:
+        # psycopg_pool's, closing with the reason, after unparking: a
+        # parked connection is idle, and max_idle closes it as one in the pool.
+        if moved := self._unpark(idle_for=self.max_idle):
+            with self._lock:
+                self._nconns_min += moved
+        to_close: PooledConnection | None = None
+        with self._lock:
+            nconns_min = self._nconns_min
+            self._nconns_min = len(self._pool)
+            if self._nconns > self._min_size and nconns_min > 0 and self._pool:
+                to_close = self._pool.popleft()
+                self._nconns -= 1
+                self._nconns_min -= 1
+        if to_close is not None:
+            self._close_connection(to_close, "idle")
 
-    def _reset_connection(self, conn: PooledConnection) -> None:
-        """Roll back, restore the connection object, send the session reset.
-
-        Replaces the base class's version, which logs a warning for what
-        Django does routinely (returning a connection with autocommit off).
-        """
-        pgconn = conn.pgconn
-        status = pgconn.transaction_status
-        if status == _UNKNOWN:
-            return
-        try:
-            if status in (_INTRANS, _INERROR):
-                logger.debug("pool %r: rolling back a returned connection", self.name)
-                conn.rollback()  # psycopg forgets its prepared statements too
-            elif status != _IDLE:  # ACTIVE: returned in the middle of a query
-                raise psycopg.OperationalError("connection returned while a query was running")
-            if self._reset is not None:
-                self._reset(conn)
-            # What a request changed on the psycopg object itself (these
-            # are client-side: no I/O).
-            if not conn.autocommit:
-                conn.autocommit = True
-            if conn.read_only is not None:
-                conn.read_only = None
-            if conn.deferrable is not None:
-                conn.deferrable = None
-            if conn.isolation_level is not None:
-                conn.isolation_level = None
-            if pgconn.transaction_status != _IDLE:
-                raise psycopg.ProgrammingError("reset left the connection in a transaction")
-            if self.reset_session:
-                # Sent now, collected at the next checkout: the answer
-                # arrives while the connection waits in the pool.
-                pgconn.send_query(_DISCARD_ALL)
-                conn._dpp_reset_pending = True
-                if (record := self.record) is not None:
-                    record.counters.resets += 1
-        except Exception as exc:
-            logger.info("pool %r: discarding a returned connection: %s", self.name, exc)
-            self._close_connection(conn, "reset_failed")
-
-    def _finish_reset(self, conn: PooledConnection) -> None:
-        conn._dpp_reset_pending = False
-        pgconn = conn.pgconn
-        fd = pgconn.socket
-        # A server that hangs, or a network gone silent, never answers: give
-        # up when the checkout's time is up, and discard the connection.
-        deadline = conn._dpp_deadline or monotonic() + self.timeout
-        poller = None
-        error = None
-        # libpq's PQgetResult waits for the socket while holding the GIL when
-        # the answer is incomplete: wait in poll() (which releases it) until
-        # is_busy() says the answer is there. The server sends its whole
-        # answer, CommandComplete and ReadyForQuery, in one write, so once
-        # the first part is in, so is the rest, and the results are read
-        # without asking again: each is_busy() releases the GIL, and under
-        # load from several threads every release can cost a thread switch.
-        pgconn.consume_input()
-        while pgconn.is_busy():
-            left = deadline - monotonic()
-            if left <= 0:
-                conn._dpp_close_hint = "reset_failed"
-                raise psycopg.OperationalError(
-                    f"no answer to the session reset within {self.timeout:g} s"
-                )
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-            poller.poll(1000 * left)
-            pgconn.consume_input()
-        while (res := pgconn.get_result()) is not None:
-            if res.status != pq.ExecStatus.COMMAND_OK:
-                # Often the session ending (a FATAL, EOF to follow): the
-                # connection is discarded, and nothing more is read from it.
-                error = res.get_error_message()
-                severity = res.error_field(pq.DiagnosticField.SEVERITY_NONLOCALIZED)
-                if severity in (b"FATAL", b"PANIC"):
-                    conn._dpp_fatal = True  # closed by the server: broken
-                break
-        if error is not None:
-            if pgconn.status == _CONN_OK and not conn._dpp_fatal:
-                conn._dpp_close_hint = "reset_failed"
-            raise psycopg.OperationalError(f"session reset failed: {error}")
-        _forget_prepared_statements(conn)
-        if self._user_configure is not None:
-            self._configure_new(conn)
-
-    def _configure_new(self, conn: PooledConnection) -> None:
-        # The user's configure; Django's time zone and role travel in the
-        # startup packet's options instead, so DISCARD ALL keeps them and no
-        # callback needs the Django wrapper (whose use here deadlocks Django's
-        # own pool, see DJANGO-NOTES: assume_role).
-        assert self._user_configure is not None
-        self._user_configure(conn)
-        if conn.pgconn.transaction_status != _IDLE:
+    def _configure_session(self, conn: PooledConnection) -> None:
+        # The user's configure, on each new connection and after each reset.
+        # Django's time zone and role travel in the startup packet's options
+        # instead, so DISCARD ALL keeps them and no callback needs the Django
+        # wrapper (whose use here deadlocks Django's own pool, see
+        # DJANGO-NOTES: assume_role).
+        configure = self.options.configure
+        assert configure is not None
+        configure(conn)
+        if conn.pgconn.transaction_status != IDLE:
             conn.rollback()
             raise psycopg.ProgrammingError(
-                f"configure {self._user_configure!r} left the connection in a transaction"
+                f"configure {configure!r} left the connection in a transaction"
             )
 
     def _connect(self, timeout: float | None = None) -> PooledConnection:
@@ -576,63 +401,48 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         try:
             conn = super()._connect(timeout)
         except Exception as exc:
-            if (record := self.record) is not None:
-                record.counters.connect_errors += 1
+            self.recorder.connect_failed()
             self._connect_failed(exc)
             raise
-        if (record := self.record) is not None:
-            record.counters.opened += 1
-            record.connect.observe(monotonic() - t0)
-        if self._failing_since is not None:
+        self.recorder.opened(monotonic() - t0)
+        if (lasted := self.outage.attempt_succeeded()) is not None:
             logger.warning(
-                "pool %r: connected again after %.1f s of failed attempts",
-                self.name,
-                monotonic() - self._failing_since,
+                "pool %r: connected again after %.1f s of failed attempts", self.name, lasted
             )
-            self._failing_since = None
-        _watch_for_fatal(conn)
+        session.watch_for_fatal(conn)
         return conn
 
     def _connect_failed(self, exc: Exception) -> None:
-        # psycopg's messages name the host, port, user and cause, never the
-        # password.
-        self._last_failure = " ".join(str(exc).split()) or type(exc).__name__
-        if self._failing_since is None:
-            self._failing_since = monotonic()
+        if self.outage.attempt_failed(exc):
             logger.warning(
                 "pool %r: cannot connect (%s); retrying in the background",
                 self.name,
-                self._last_failure,
+                self.outage.cause,
             )
-        if self.fail_fast and self._holds_nothing():
+        if self.options.fail_fast and self._holds_nothing():
             # Clients already waiting would wait for nothing until timeout.
             with self._lock:
                 waiting = list(self._waiting)
                 self._waiting.clear()
             if waiting:
-                error = self._unavailable()
+                error: ServerUnavailable = self.outage.unavailable(self.alias)
                 for client in waiting:
                     client.fail(error)
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
-        # psycopg_pool retries a failed connect after 1 s, then doubles the
-        # wait up to reconnect_timeout: after a minute-long outage the pool
-        # could stay empty a minute after the server is back. Retry sooner
-        # and never wait more than RECONNECT_DELAY_MAX between attempts.
         if attempt is None:
-            attempt = _ReconnectAttempt(timeout=self.reconnect_timeout)
+            attempt = ReconnectAttempt(timeout=self.reconnect_timeout)
         super()._add_connection(attempt, growing)
 
     # -- what it is doing ---------------------------------------------------
 
-    def live_state(self, now: float | None = None) -> measures.Live:
-        """Sizes, checkouts and waits at this moment (see measures.Live)."""
+    def live_state(self, now: float | None = None) -> records.LiveState:
+        """Sizes, checkouts and waits at this moment (see records.LiveState)."""
         if now is None:
             now = monotonic()
         leased = list(self._leased)
         waits = list(self._waits.values())
-        failing = self._failing_since
-        return measures.Live(
+        return records.LiveState(
             open=not self._closed,
             size=self._nconns,
             idle=len(self._pool) + len(self._parked),
@@ -640,8 +450,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             waiting=self._count_waiting(),
             oldest_checkout=max((now - c._dpp_out_at for c in leased), default=0.0),
             longest_wait=max((now - t for t in waits), default=0.0),
-            failing_for=now - failing if failing is not None else 0.0,
-            last_failure=self._last_failure if failing is not None else "",
+            failing_for=self.outage.failing_for(now),
+            last_failure=self.outage.cause if self.outage.ongoing else "",
         )
 
     def _count_waiting(self) -> int:
@@ -655,58 +465,34 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             f"in use={live.in_use}, waiting={live.waiting}"
         )
 
-    def _find_leaks(self) -> None:
-        """Log each connection held longer than leak_timeout, once."""
-        limit = self.leak_timeout
-        if limit is None:
-            return
-        now = monotonic()
-        for conn in list(self._leased):
-            if conn._dpp_leak_reported or now - conn._dpp_out_at < limit:
-                continue
-            stack = conn._dpp_stack
-            if stack is None:
-                continue  # returned meanwhile
-            conn._dpp_leak_reported = True
-            if (record := self.record) is not None:
-                record.counters.leaks += 1
-            where = "".join(traceback.StackSummary.from_list(list(reversed(stack))).format())
-            logger.warning(
-                "pool %r: a connection has been checked out for %.1f s (leak_timeout=%g); "
-                "it was checked out at:\n%s",
-                self.name,
-                now - conn._dpp_out_at,
-                limit,
-                where,
-            )
-
-    # -- pool-wide operations ---------------------------------------------
-
     def _get_measures(self) -> dict[str, int]:
         # A parked connection is idle and any thread can take it.
         measures = super()._get_measures()
         measures[self._POOL_AVAILABLE] += len(self._parked)
         return measures
 
+    # -- pool-wide operations ---------------------------------------------
+
     def check(self) -> None:
         """As psycopg_pool's, after collecting resets pending on idle connections."""
         self._unpark()
         with self._lock:
-            conns = list(self._pool)
-        closed = 0
-        for conn in conns:
-            if conn._dpp_reset_pending:
-                try:
-                    self._finish_reset(conn)
-                except Exception:
-                    self._close_connection(conn)
-                    closed += 1
+            pending = [c for c in self._pool if c._dpp_reset_pending]
+        for conn in pending:
+            try:
+                self._collect_reset(conn)
+            except Exception as exc:
+                with self._lock:
+                    try:
+                        self._pool.remove(conn)
+                    except ValueError:
+                        continue  # taken by a checkout meanwhile, which checks it
+                self._replace(conn, session.close_reason(exc))
         lost = self._stats[self._CONNECTIONS_LOST]
         super().check()
-        # The base class drops the broken ones it finds (ours included).
-        broken = self._stats[self._CONNECTIONS_LOST] - lost - closed
-        if broken > 0 and (record := self.record) is not None:
-            record.closed("broken", broken)
+        # The base class drops the broken ones it finds, without closing them.
+        if (broken := self._stats[self._CONNECTIONS_LOST] - lost) > 0:
+            self.recorder.closed("broken", broken)
 
     def _start_initial_tasks(self) -> None:
         super()._start_initial_tasks()
@@ -716,18 +502,15 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self.alias,
             self.min_size,
             self.max_size,
-            "{}:{}/{}".format(*self.database),
+            self.config.database,
         )
-        if self.leak_timeout is not None:
-            self.run_task(Schedule(self, _FindLeaks(self), self.leak_timeout / 2))
-        from .transport import ensure_publishing
-
-        ensure_publishing()
+        if (leak_timeout := self.options.leak_timeout) is not None:
+            self.run_task(Schedule(self, leases.FindLeaks(self, leak_timeout), leak_timeout / 2))
 
     def close(self, timeout: float = 5.0) -> None:
-        if self._pid != os.getpid():
+        if self.pid != os.getpid():
             # Inherited through fork: the parent owns its sockets and threads.
-            self._disown()
+            self.disown()
             return
         was_open = not self._closed
         self._unpark()  # into the pool, which closes them
@@ -738,275 +521,29 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # in a closed pool, so these are the last.
         for conn in list(self._parked):
             if self._parked.pop(conn, None) is not None:
-                self._close_connection(conn)
+                self._close_connection(conn, "shutdown")
 
-    def _disown(self) -> None:
-        """Forget an inherited pool without I/O, locks or threads."""
-        if self._pid == -1:
+    def disown(self) -> None:
+        """Forget a pool inherited through fork, without I/O, locks or threads."""
+        if self.pid == -1:
             return  # done already
-        self._pid = -1
+        self.pid = -1
         self._closed = True  # also keeps __del__ from signalling dead workers
         conns = list(self._pool) + list(self._leased) + list(self._parked)
         self._parked.clear()
         for w in list(self._waiting):
             if w.conn is not None:
                 conns.append(w.conn)
-        # Counted in the child's own record (measures.forget_all() ran).
-        record = measures.record_for(self.alias)
-        record.config = record.config or measures.config_of(self.options, self.database, self.user)
-        if self.record is not None and conns:
+        # Counted in the child's own record (records.forget_all() ran).
+        record = records.record_for(self.alias)
+        record.config = record.config or self.config
+        if self.options.stats and conns:
             record.closed("fork", len(conns))
         for conn in conns:
-            _neutralize(conn)
+            session.neutralize(conn)
             conn._dpp_pool = None
             owner = conn._dpp_owner() if conn._dpp_owner is not None else None
             if owner is not None and owner.connection is conn:
                 # The forking thread's Django wrapper: connect afresh.
                 owner.connection = None
         self._leased.clear()
-
-
-#: Longest wait between two attempts to open a connection to a server that
-#: refused the last one (seconds): a bounded rate, a quick recovery.
-RECONNECT_DELAY_MAX = 0.5
-
-
-class _FindLeaks(MaintenanceTask):
-    """Look for leaked connections every leak_timeout / 2 seconds."""
-
-    def _run(self, pool: ConnectionPool[Any]) -> None:
-        assert isinstance(pool, DjangoPool) and pool.leak_timeout is not None
-        pool.schedule_task(self, pool.leak_timeout / 2)
-        pool._find_leaks()
-
-
-class _ReconnectAttempt(AttemptWithBackoff):
-    INITIAL_DELAY = 0.05
-
-    def update_delay(self, now: float) -> None:
-        super().update_delay(now)
-        self.delay = min(self.delay, RECONNECT_DELAY_MAX)
-
-
-def _socket_alive(conn: PooledConnection) -> bool:
-    """True unless the server closed the session: no round trip, no GIL release.
-
-    An idle connection's socket has nothing to read; a backend that was
-    terminated left its FATAL message and then EOF there. Reading is
-    PQconsumeInput on the non-blocking socket (EOF fails it) and parsing is
-    PQgetResult, which on an idle connection never waits and hands an error
-    to the notice handler. Both keep the GIL: poll() and PQisBusy release it,
-    and under load from several threads each release can cost the checkout
-    a thread switch.
-    """
-    pgconn = conn.pgconn
-    if conn._dpp_fatal or pgconn.status != _CONN_OK:
-        return False
-    try:
-        pgconn.consume_input()
-        if pgconn.transaction_status != _ACTIVE:  # no query pending: never waits
-            pgconn.get_result()
-    except psycopg.OperationalError:
-        return False
-    return not conn._dpp_fatal and pgconn.status == _CONN_OK
-
-
-def _reset_done(conn: PooledConnection) -> bool:
-    """Whether the answer to a pending session reset has arrived (no wait)."""
-    if not conn._dpp_reset_pending:
-        return True
-    pgconn = conn.pgconn
-    try:
-        pgconn.consume_input()  # libpq's socket is non-blocking: never waits
-    except psycopg.OperationalError:
-        return True  # broken: the checkout's own check will say so
-    return not pgconn.is_busy()
-
-
-def _forget_prepared_statements(conn: psycopg.Connection[Any]) -> None:
-    """DISCARD ALL dropped the server's prepared statements: tell psycopg.
-
-    psycopg clears its cache only when DISCARD ALL goes through its own
-    execute(); ours went through the low-level connection. Emptying the
-    cache (without queueing a DEALLOCATE) keeps the two in agreement.
-    """
-    prepared = conn._prepared
-    prepared._names.clear()
-    prepared._counts.clear()
-    prepared._to_flush.clear()
-
-
-_devnull_fd: int | None = None
-
-
-def _neutralize(conn: psycopg.Connection[Any]) -> None:
-    """Point an inherited connection's socket at /dev/null.
-
-    Whatever happens to the object afterwards (close, garbage collection,
-    TLS shutdown), its bytes go nowhere and the parent's session is intact.
-    """
-    global _devnull_fd
-    try:
-        fd = conn.pgconn.socket
-    except Exception:
-        return  # already closed
-    if _devnull_fd is None:
-        _devnull_fd = os.open(os.devnull, os.O_RDWR)
-    os.dup2(_devnull_fd, fd)
-
-
-# -- leases held by threads ------------------------------------------------
-
-
-class _ThreadLeases(threading.local):
-    leases: set[PooledConnection] | None = None
-
-
-_thread_local = _ThreadLeases()
-
-
-class _LeaseHolder:
-    """Lives only in one thread's locals: freed when that thread ends."""
-
-    __slots__ = ("__weakref__",)
-
-
-def _thread_leases() -> set[PooledConnection]:
-    leases = _thread_local.leases
-    if leases is None:
-        leases = set()
-        holder = _LeaseHolder()
-        # CPython frees a thread's locals as the thread ends, at once and
-        # without the garbage collector; Django's wrappers, which sit in
-        # reference cycles, would wait for a collection that may not come.
-        finalizer = weakref.finalize(holder, _thread_ended, leases, os.getpid())
-        finalizer.atexit = False
-        _thread_local.leases = leases
-        _thread_local.holder = holder  # type: ignore[attr-defined]
-    return leases
-
-
-def _thread_ended(leases: set[PooledConnection], pid: int) -> None:
-    if pid != os.getpid():
-        return  # a forked child clearing its parent's thread states
-    for conn in list(leases):
-        pool = conn._dpp_pool
-        if pool is not None and not pool.closed:
-            with contextlib.suppress(Exception):  # the interpreter is shutting down
-                pool.run_task(_ReclaimConnection(pool, conn, conn._dpp_generation))
-
-
-class _ReclaimConnection(MaintenanceTask):
-    """Return a connection whose thread ended without closing it."""
-
-    def __init__(self, pool: DjangoPool, conn: PooledConnection, generation: int):
-        super().__init__(pool)
-        self.conn = conn
-        self.generation = generation
-
-    def _run(self, pool: ConnectionPool[Any]) -> None:
-        assert isinstance(pool, DjangoPool)
-        conn = self.conn
-        if conn._dpp_generation != self.generation or conn not in pool._leased:
-            return  # returned meanwhile
-        owner = conn._dpp_owner() if conn._dpp_owner is not None else None
-        if owner is not None:
-            if owner.allow_thread_sharing:
-                return  # another thread was lent this connection
-            if owner.connection is conn:
-                owner.connection = None
-        logger.warning(
-            "pool %r: a thread ended without closing its connection; it is back in the pool",
-            pool.name,
-        )
-        if (record := pool.record) is not None:
-            record.counters.reclaimed += 1
-        pool.putconn(conn)
-
-
-# -- the registry of this process's pools ---------------------------------
-
-_pools: dict[Hashable, DjangoPool] = {}
-_pools_pid = os.getpid()
-_pools_lock = threading.Lock()
-
-
-def get_pool(key: Hashable, alias: str, create: Callable[[], DjangoPool]) -> DjangoPool:
-    """The pool for *key*, created on first use in this process.
-
-    A pool made for other settings of the same alias (the test runner renamed
-    the database, a test changed TIME_ZONE) is closed: nothing checks out
-    from it any more.
-    """
-    if _pools_pid != os.getpid():
-        _after_fork_in_child()
-    pool = _pools.get(key)
-    if pool is not None:
-        return pool
-    with _pools_lock:
-        pool = _pools.get(key)
-        if pool is None:
-            pool = create()
-            stale = [k for k, p in _pools.items() if p.alias == alias]
-            _pools[key] = pool
-            for k in stale:
-                _pools.pop(k).close()
-    return pool
-
-
-def pools(alias: str | None = None) -> list[DjangoPool]:
-    """This process's pools (of one alias), without creating any."""
-    if _pools_pid != os.getpid():
-        _after_fork_in_child()
-    return [p for p in list(_pools.values()) if alias is None or p.alias == alias]
-
-
-def close_pools(predicate: Callable[[DjangoPool], bool]) -> None:
-    """Close and forget every pool of this process matching *predicate*."""
-    with _pools_lock:
-        doomed = [k for k, p in _pools.items() if predicate(p)]
-        closing = [_pools.pop(k) for k in doomed]
-    for pool in closing:
-        pool.close()
-
-
-def release(conn: PooledConnection, generation: int) -> None:
-    """Give a connection back to the pool it came from (Django's close)."""
-    pool = conn._dpp_pool
-    if pool is None or conn._dpp_generation != generation:
-        return  # already given back (its thread ended, or the pool was forked)
-    if pool._pid != os.getpid():
-        # Forked without os.register_at_fork running (a C-level fork).
-        _neutralize(conn)
-        conn.close()
-        return
-    pool.release(conn)
-
-
-def _after_fork_in_child() -> None:
-    global _pools_pid, _pools_lock
-    _pools_lock = threading.Lock()  # the parent may have held it
-    measures.forget_all()
-    inherited = list(_pools.values())
-    _pools.clear()
-    _pools_pid = os.getpid()
-    for pool in inherited:
-        pool._disown()
-    _inherited.extend(inherited)
-
-
-# Inherited pools stay referenced: their objects are never finalized in the child.
-_inherited: list[DjangoPool] = []
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    if _pools_pid != os.getpid():
-        return
-    for pool in pools():
-        try:
-            pool.close(timeout=1.0)
-        except Exception:  # pragma: no cover - best effort at exit
-            logger.debug("pool %r: error closing at exit", pool.name, exc_info=True)

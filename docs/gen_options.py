@@ -1,7 +1,8 @@
-"""Regenerate the option table of docs/configuration.md from django_pooled_pg.options.
+"""Regenerate the option tables of docs/configuration.md and README.md from
+django_pooled_pg.options (each option is described once, on its PoolOptions field).
 
-    python docs/gen_options.py          # rewrite the table in place
-    python docs/gen_options.py --check  # exit 1 if the docs are stale
+    python docs/gen_options.py          # rewrite both tables in place
+    python docs/gen_options.py --check  # exit 1 if either is stale
 
 Each row's failure message is produced by the real validation code.
 """
@@ -10,9 +11,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import django
 from django.conf import settings
@@ -21,74 +19,60 @@ if not settings.configured:
     settings.configure()
     django.setup()
 
-from django_pooled_pg.options import OPTIONS, OptionError, parse  # noqa: E402
+from django_pooled_pg.options import OPTIONS, Option, OptionError, parse  # noqa: E402
 
-DOC = Path(__file__).resolve().parent / "configuration.md"
+ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- options:start -->", "<!-- options:end -->"
 
-BAD_VALUES: dict[str, Any] = {
-    "min_size": -1,
-    "max_size": 0,
-    "timeout": -1,
-    "max_waiting": -1,
-    "max_lifetime": 0,
-    "max_idle": 0,
-    "reconnect_timeout": 0,
-    "num_workers": 0,
-    "name": "",
-    "check": "myapp.nowhere.check",
-    "configure": 42,
-    "reset": 42,
-    "reset_session": "yes",
-    "password_provider": "myapp.nowhere.token",
-    "fail_fast": "yes",
-    "stats": "on",
-    "leak_timeout": 0,
-    "log_waits_over": -1,
-}
 
-
-def default(name: str, value: Any) -> str:
-    if name == "min_size":
-        return "`1` (at most `max_size`)"
-    if name == "name":
-        return "the alias"
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        return f"`{value:g}` s"
-    return f"`{value!r}`"
-
-
-def failure(name: str) -> str:
+def failure(o: Option) -> str:
     try:
-        parse("default", {name: BAD_VALUES[name]})
+        parse("default", {o.name: o.bad_example})
     except OptionError as exc:
         return str(exc).replace("|", "\\|")
-    raise AssertionError(f"{name}={BAD_VALUES[name]!r} was accepted")
+    raise AssertionError(f"{o.name}={o.bad_example!r} was accepted")
 
 
-def table() -> str:
+def reference_table() -> str:
+    """docs/configuration.md: everything about each option."""
     rows = [
         "| option | default | accepted | meaning | failure message (example) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for o in OPTIONS:
-        rows.append(
-            f"| `{o.name}` | {default(o.name, o.default)} | {o.accepted} | {o.doc} | {failure(o.name)} |"
-        )
+        rows.append(f"| `{o.name}` | {o.shown_default()} | {o.accepted} | {o.doc} | {failure(o)} |")
     return "\n".join(rows)
 
 
-def render(text: str) -> str:
+def summary_table() -> str:
+    """README.md: each option in a line."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for o in OPTIONS:
+        rows.append(f"| `{o.name}` | {o.shown_default()} | {o.summary} |")
+    return "\n".join(rows)
+
+
+TABLES = {
+    ROOT / "docs" / "configuration.md": reference_table,
+    ROOT / "README.md": summary_table,
+}
+
+
+def render(text: str, table: str) -> str:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table()}\n{END}{tail}"
+    return f"{head}{START}\n{table}\n{END}{tail}"
 
 
 if __name__ == "__main__":
-    current = DOC.read_text()
-    wanted = render(current)
-    if "--check" in sys.argv:
-        sys.exit(0 if current == wanted else 1)
-    DOC.write_text(wanted)
+    stale = []
+    for path, make in TABLES.items():
+        current = path.read_text()
+        wanted = render(current, make())
+        if current != wanted:
+            stale.append(path.name)
+            if "--check" not in sys.argv:
+                path.write_text(wanted)
+    if "--check" in sys.argv and stale:
+        print(f"stale: {', '.join(stale)}; run docs/gen_options.py", file=sys.stderr)
+        sys.exit(1)

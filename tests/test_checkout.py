@@ -214,7 +214,9 @@ def test_a_subclass_get_new_connection_is_still_called(make_wrapper: Make) -> No
         assert backend_pid(wrapper) == first
     finally:
         wrapper.close()
-    assert calls == [{}, {}]  # once per checkout, with Django's (empty) parameters
+    # Once per checkout, with Django's parameters for the alias (the pool
+    # itself was given its own once).
+    assert [c["dbname"] for c in calls] == [wrapper.settings_dict["NAME"]] * 2
 
 
 def test_pool_is_created_lazily(make_wrapper: Make) -> None:

@@ -30,8 +30,8 @@ import pytest
 from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
 
-from django_pooled_pg.measures import HOSTNAME
-from django_pooled_pg.server import host_hash
+from django_pooled_pg.observability.activity import host_hash
+from django_pooled_pg.observability.records import HOSTNAME
 from dpp_devtools.servers import free_port, start_server, stop_server, wait_serving
 from tests.helpers import TESTPROJECT, wait_until
 

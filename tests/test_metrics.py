@@ -11,8 +11,8 @@ from django.test import RequestFactory
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from django_pooled_pg.measures import HOSTNAME
-from django_pooled_pg.metrics import metrics_view
+from django_pooled_pg.observability.prometheus import metrics_view
+from django_pooled_pg.observability.records import HOSTNAME
 
 
 def use_default() -> None:

@@ -20,7 +20,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection, connections
 from prometheus_client.parser import text_string_to_metric_families
 
-from django_pooled_pg.measures import HOSTNAME
+from django_pooled_pg.observability.records import HOSTNAME
 from tests.helpers import CheckedThread, wait_until
 
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
@@ -225,7 +225,7 @@ def test_watch_refreshes_with_rates_until_ctrl_c(private_server: Any) -> None:
 def test_settings_for_the_stats_cache_are_validated(transactional_db: None, settings: Any) -> None:
     from django.core.exceptions import ImproperlyConfigured
 
-    from django_pooled_pg.transport import transport_settings
+    from django_pooled_pg.observability.publisher import publish_settings
 
     for bad, message in [
         ({"CACHE": "nowhere"}, "POOLED_PG_STATS['CACHE'] is 'nowhere'; it must be None or one of"),
@@ -236,7 +236,7 @@ def test_settings_for_the_stats_cache_are_validated(transactional_db: None, sett
     ]:
         settings.POOLED_PG_STATS = bad
         with pytest.raises(ImproperlyConfigured) as info:
-            transport_settings()
+            publish_settings()
         assert message in str(info.value)
     # poolstats still works and says why it shows this process only.
     settings.POOLED_PG_STATS = {"CACHE": None}

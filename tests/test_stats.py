@@ -13,8 +13,8 @@ import pytest
 import django_pooled_pg
 from django_pooled_pg import PoolExhausted
 from django_pooled_pg.base import DatabaseWrapper
-from django_pooled_pg.measures import BUCKETS, Histogram
-from django_pooled_pg.server import application_name, parse_application_name
+from django_pooled_pg.observability.activity import application_name, parse_application_name
+from django_pooled_pg.observability.records import BUCKETS, Histogram
 from tests.conftest import Make
 from tests.helpers import CheckedThread, backend_pids, wait_until
 from tests.test_forking import in_child
@@ -324,7 +324,7 @@ def test_histogram_percentiles_stay_within_the_observed_range() -> None:
 def test_sessions_carry_host_pid_and_alias(make_wrapper: Make, admin) -> None:
     import os
 
-    from django_pooled_pg.measures import HOSTNAME
+    from django_pooled_pg.observability.records import HOSTNAME
 
     wrapper = make_wrapper(options={"application_name": "billing"})
     pid = backend_pid(wrapper)

@@ -15,6 +15,6 @@ urlpatterns = [
 # The pools' Prometheus metrics, for tests that scrape a multi-worker server
 # (tests/test_deployment.py); prometheus_client is an optional extra.
 if os.environ.get("DPP_METRICS_TOKEN") and importlib.util.find_spec("prometheus_client"):
-    from django_pooled_pg.metrics import metrics_view
+    from django_pooled_pg.observability.prometheus import metrics_view
 
     urlpatterns.append(path("metrics/", metrics_view))

@@ -10,14 +10,25 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
-from django_pooled_pg.report import (
+from django_pooled_pg.base import DatabaseWrapper
+from django_pooled_pg.observability.api import pooled_aliases
+from django_pooled_pg.observability.report import (
     FORMATS,
     Report,
     build_report,
     render_json,
-    render_prometheus,
     render_table,
 )
+
+
+def render_prometheus(report: Report) -> str:
+    try:
+        from django_pooled_pg.observability.prometheus import render_prometheus
+    except ImportError:
+        raise CommandError(
+            "--format prometheus needs prometheus_client: pip install 'django-pooled-pg[prometheus]'."
+        ) from None
+    return render_prometheus(report)
 
 
 def _seconds(value: str) -> float:
@@ -113,9 +124,6 @@ class Command(BaseCommand):
         self.stdout.flush()
 
     def _aliases(self, wanted: str | None) -> list[str]:
-        from django_pooled_pg.base import DatabaseWrapper
-        from django_pooled_pg.measures import pooled_aliases
-
         configured = list(connections)
         if wanted is not None:
             if wanted not in configured:

@@ -1,14 +1,17 @@
 """What the pools are doing: counters, distributions and live state, per alias.
 
-(Named ``measures`` so that ``django_pooled_pg.stats()`` can be the function.)
+The leaf of the observability package: plain records and snapshots, no
+imports from the rest of django_pooled_pg.
 
-Each process keeps one ``AliasStats`` per alias. Pools record into it as
-they work (plain attribute increments and a bucket count: well under a
-microsecond per checkout); ``snapshot()`` turns it into ``PoolStats``, plain
-dataclasses that ``django_pooled_pg.stats()``, ``manage.py poolstats`` and
-the Prometheus collector all read. The record outlives a pool replaced for
-new settings (the test runner renaming the database), so counters cover the
-alias's whole life in the process.
+Each process keeps one ``AliasRecord`` per alias. A pool calls its
+``Recorder`` at fixed points (checkout, return, open, close, ...): plain
+attribute increments and a bucket count, well under a microsecond per
+checkout, and nothing at all with the ``stats`` option off (the base
+``Recorder`` does nothing). ``AliasRecord.snapshot()`` turns the record into
+``PoolStats``, plain dataclasses that ``django_pooled_pg.stats()``,
+``manage.py poolstats`` and the Prometheus collector all read. The record
+outlives a pool replaced for new settings (the test runner renaming the
+database), so counters cover the alias's whole life in the process.
 """
 
 from __future__ import annotations
@@ -18,11 +21,7 @@ import socket
 import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, overload
-
-if TYPE_CHECKING:
-    from .options import PoolOptions
-    from .pool import DjangoPool
+from typing import Any
 
 #: Upper bounds (seconds) of the histogram buckets, shared by every
 #: distribution and by the Prometheus histograms; the last bucket is +Inf.
@@ -109,8 +108,13 @@ class Distribution:
 
 
 @dataclass
-class Config:
-    """The pool's options that shape what the numbers mean (no credentials)."""
+class PoolConfig:
+    """The pool's options that shape what the numbers mean (no credentials).
+
+    Its fields after ``user`` are the options marked ``shown`` in
+    ``django_pooled_pg.options`` (a test keeps the two equal); the class is
+    spelled out because it is part of the ``poolstats --json`` schema.
+    """
 
     database: str  # host:port/name
     user: str
@@ -124,9 +128,17 @@ class Config:
     fail_fast: bool
     leak_timeout: float | None
 
+    @classmethod
+    def build(cls, database: tuple[str, str, str], user: str, shown: dict[str, Any]) -> PoolConfig:
+        """From (host, port, name), the user and the shown options."""
+        host, port, name = database
+        return cls(
+            database=f"{host or 'localhost'}:{port or 5432}/{name}", user=user or "", **shown
+        )
+
 
 @dataclass
-class Live:
+class LiveState:
     """The pool at the moment of the snapshot."""
 
     open: bool  # a pool exists in this process (it is created on first use)
@@ -166,8 +178,8 @@ class PoolStats:
     host: str
     pid: int
     time: float  # time.time() of the snapshot
-    config: Config
-    live: Live
+    config: PoolConfig
+    live: LiveState
     counters: Counters
     closed_by_reason: dict[str, int]
     wait: Distribution  # checkout: from asking to holding a connection
@@ -185,8 +197,8 @@ class PoolStats:
             host=data["host"],
             pid=data["pid"],
             time=data["time"],
-            config=Config(**data["config"]),
-            live=Live(**data["live"]),
+            config=PoolConfig(**data["config"]),
+            live=LiveState(**data["live"]),
             counters=Counters(**data["counters"]),
             closed_by_reason=dict(data["closed_by_reason"]),
             wait=Distribution(**data["wait"]),
@@ -195,28 +207,115 @@ class PoolStats:
         )
 
 
-class AliasStats:
+class Recorder:
+    """Where a pool reports what it does; this base records nothing (``stats`` off).
+
+    The pool calls these at fixed points, so collecting stays off its
+    mechanics (HikariCP's metrics tracker does the same).
+    """
+
+    __slots__ = ()
+
+    def checked_out(self, waited: float) -> None:
+        """A checkout got a connection after *waited* seconds."""
+
+    def queued(self) -> None:
+        """A checkout found no idle connection and waits in the queue."""
+
+    def timed_out(self) -> None:
+        """A checkout gave up after ``timeout`` (PoolExhausted)."""
+
+    def rejected(self) -> None:
+        """A checkout was refused: the queue was full (PoolExhausted)."""
+
+    def failed(self) -> None:
+        """A checkout failed otherwise (ServerUnavailable, a closed pool)."""
+
+    def returned(self, held: float) -> None:
+        """A connection came back after *held* seconds out."""
+
+    def reset_sent(self) -> None:
+        """A session reset was sent on a returned connection."""
+
+    def opened(self, seconds: float) -> None:
+        """A connection was opened, taking *seconds*."""
+
+    def connect_failed(self) -> None:
+        """A connection attempt failed."""
+
+    def closed(self, reason: str, n: int = 1) -> None:
+        """The pool closed *n* connections for *reason* (see CLOSE_REASONS)."""
+
+    def lost(self) -> None:
+        """A connection came back already closed (it ended while in use)."""
+
+    def reclaimed(self) -> None:
+        """A connection was given back for a thread that ended holding it."""
+
+    def leaked(self) -> None:
+        """A checkout has been held longer than ``leak_timeout``."""
+
+
+class AliasRecord(Recorder):
     """The running record of one alias in this process (see the module doc)."""
+
+    __slots__ = ("alias", "config", "counters", "closed_by_reason", "wait", "hold", "connect")
 
     def __init__(self, alias: str) -> None:
         self.alias = alias
-        self.config: Config | None = None  # of the alias's latest pool
+        self.config: PoolConfig | None = None  # of the alias's latest pool
         self.counters = Counters()
         self.closed_by_reason = dict.fromkeys(CLOSE_REASONS, 0)
         self.wait = Histogram()
         self.hold = Histogram()
         self.connect = Histogram()
 
+    def checked_out(self, waited: float) -> None:
+        self.counters.checkouts += 1
+        self.wait.observe(waited)
+
+    def queued(self) -> None:
+        self.counters.checkouts_waited += 1
+
+    def timed_out(self) -> None:
+        self.counters.timeouts += 1
+
+    def rejected(self) -> None:
+        self.counters.rejected += 1
+
+    def failed(self) -> None:
+        self.counters.errors += 1
+
+    def returned(self, held: float) -> None:
+        self.hold.observe(held)
+
+    def reset_sent(self) -> None:
+        self.counters.resets += 1
+
+    def opened(self, seconds: float) -> None:
+        self.counters.opened += 1
+        self.connect.observe(seconds)
+
+    def connect_failed(self) -> None:
+        self.counters.connect_errors += 1
+
     def closed(self, reason: str, n: int = 1) -> None:
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + n
         self.counters.closed += n
 
-    def snapshot(self, pool: DjangoPool | None, config: Config) -> PoolStats:
-        now = time.monotonic()
-        if pool is not None and not pool.closed:
-            live = pool.live_state(now)
-        else:
-            live = Live(False, 0, 0, 0, 0, 0.0, 0.0, 0.0, "")
+    def lost(self) -> None:
+        self.counters.lost += 1
+
+    def reclaimed(self) -> None:
+        self.counters.reclaimed += 1
+
+    def leaked(self) -> None:
+        self.counters.leaks += 1
+
+    def snapshot(self, live: LiveState | None, config: PoolConfig) -> PoolStats:
+        """The record as PoolStats; *live* None: no open pool in this process."""
+        if live is None:
+            live = LiveState(False, 0, 0, 0, 0, 0.0, 0.0, 0.0, "")
         return PoolStats(
             alias=self.alias,
             host=HOSTNAME,
@@ -232,101 +331,27 @@ class AliasStats:
         )
 
 
+#: The recorder of a pool whose ``stats`` option is off.
+NOT_RECORDING = Recorder()
+
 HOSTNAME = socket.gethostname()
 
-_records: dict[str, AliasStats] = {}
+_records: dict[str, AliasRecord] = {}
 
 
-def record_for(alias: str) -> AliasStats:
+def record_for(alias: str) -> AliasRecord:
     """This process's record for *alias*, created on first use."""
     record = _records.get(alias)
     if record is None:
-        record = _records.setdefault(alias, AliasStats(alias))
+        record = _records.setdefault(alias, AliasRecord(alias))
     return record
+
+
+def existing_record(alias: str) -> AliasRecord | None:
+    """This process's record for *alias*, if a pool of it was ever made."""
+    return _records.get(alias)
 
 
 def forget_all() -> None:
     """In a forked child: the parent's numbers are not this process's."""
     _records.clear()
-
-
-def config_of(options: PoolOptions, database: tuple[str, str, str], user: str) -> Config:
-    host, port, name = database
-    return Config(
-        database=f"{host or 'localhost'}:{port or 5432}/{name}",
-        user=user or "",
-        min_size=options.min_size,
-        max_size=options.max_size,
-        timeout=options.timeout,
-        max_waiting=options.max_waiting,
-        max_lifetime=options.max_lifetime,
-        max_idle=options.max_idle,
-        reset_session=options.reset_session,
-        fail_fast=options.fail_fast,
-        leak_timeout=options.leak_timeout,
-    )
-
-
-def pooled_aliases() -> list[str]:
-    """The configured aliases that use this engine with pooling on."""
-    from django.db import connections
-
-    from .base import DatabaseWrapper
-
-    found = []
-    for alias in connections:
-        wrapper = connections[alias]
-        if isinstance(wrapper, DatabaseWrapper) and wrapper.pooled:
-            found.append(alias)
-    return found
-
-
-def snapshot(alias: str) -> PoolStats:
-    """This process's stats for one alias: ValueError if it is not pooled here."""
-    from django.db import connections
-
-    from . import pool as pools
-    from .base import DatabaseWrapper
-
-    live = [p for p in pools.pools(alias) if not p.closed]
-    pool = live[-1] if live else None
-    record = _records.get(alias)
-    if pool is not None:
-        config = config_of(pool.options, pool.database, pool.user)
-    elif record is not None and record.config is not None:
-        config = record.config  # its pool was closed
-    else:
-        if alias not in connections:
-            raise ValueError(f"no database alias {alias!r}; configured: {', '.join(connections)}")
-        wrapper = connections[alias]
-        if not isinstance(wrapper, DatabaseWrapper) or not wrapper.pooled:
-            raise ValueError(
-                f"database alias {alias!r} does not use a django_pooled_pg pool "
-                f"(ENGINE {wrapper.settings_dict['ENGINE']!r})"
-            )
-        s = wrapper.settings_dict
-        config = config_of(
-            wrapper.pool_options(), (s["HOST"], str(s["PORT"]), s["NAME"]), s["USER"]
-        )
-    return record_for(alias).snapshot(pool, config)
-
-
-@overload
-def stats(alias: str) -> PoolStats: ...
-@overload
-def stats(alias: None = None) -> dict[str, PoolStats]: ...
-def stats(alias: str | None = None) -> PoolStats | dict[str, PoolStats]:
-    """What this process's pools are doing.
-
-    ``stats("default")`` gives one alias (ValueError if it is not a pooled
-    alias); ``stats()`` gives every pooled alias, configured or used in this
-    process, by alias. Counters and distributions are zero and ``live.open``
-    is False for an alias whose pool was not used yet.
-    """
-    if alias is not None:
-        return snapshot(alias)
-    from . import pool as pools
-
-    aliases = dict.fromkeys(pooled_aliases())
-    aliases.update(dict.fromkeys(p.alias for p in pools.pools()))
-    return {a: snapshot(a) for a in aliases}

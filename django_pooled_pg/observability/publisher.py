@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .measures import HOSTNAME, PoolStats
+from .api import stats
+from .records import HOSTNAME, PoolStats
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -40,12 +41,12 @@ _LOCAL_BACKENDS = (
 
 
 @dataclass(frozen=True)
-class TransportSettings:
+class PublishSettings:
     cache: str | None  # alias in CACHES; None: publishing off
     interval: float
 
 
-def transport_settings() -> TransportSettings:
+def publish_settings() -> PublishSettings:
     """``settings.POOLED_PG_STATS``, validated (ImproperlyConfigured names the key)."""
     from django.conf import settings
     from django.core.exceptions import ImproperlyConfigured
@@ -74,10 +75,10 @@ def transport_settings() -> TransportSettings:
             f"settings.POOLED_PG_STATS['INTERVAL'] is {interval!r}; it must be a "
             "number of seconds > 0."
         )
-    return TransportSettings(cache=cache, interval=float(interval))
+    return PublishSettings(cache=cache, interval=float(interval))
 
 
-def unshared_reason(ts: TransportSettings) -> str | None:
+def unshared_reason(ts: PublishSettings) -> str | None:
     """Why other processes' stats cannot be seen, or None when they can."""
     from django.conf import settings
 
@@ -99,14 +100,13 @@ def _slot_key(i: int) -> str:
 class Publisher:
     """This process's slot in the shared cache, refreshed by a daemon thread."""
 
-    def __init__(self, ts: TransportSettings) -> None:
+    def __init__(self, ts: PublishSettings) -> None:
         assert ts.cache is not None
         self.settings = ts
         self.pid = os.getpid()
         self.ident = f"{HOSTNAME}:{self.pid}:{secrets.token_hex(4)}"
         self.slot: int | None = None
         self.ttl = max(3 * ts.interval, 1.0)
-        self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name="django_pooled_pg-stats-publisher", daemon=True
         )
@@ -115,13 +115,10 @@ class Publisher:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _run(self) -> None:
         from django.db import connections
 
-        while not self._stop.is_set():
+        while True:  # a daemon thread: it ends with the process
             try:
                 self.publish()
                 if self._failing:
@@ -136,12 +133,10 @@ class Publisher:
             finally:
                 # A database cache checked out connections in this thread.
                 connections.close_all()
-            self._stop.wait(self.settings.interval)
+            time.sleep(self.settings.interval)
 
     def publish(self) -> None:
         from django.core.cache import caches
-
-        from .measures import stats
 
         cache = caches[self.settings.cache]  # type: ignore[index]
         payload = {
@@ -177,8 +172,12 @@ _decided_in: int | None = None  # the pid that decided whether to publish
 _publisher_lock = threading.Lock()
 
 
-def ensure_publishing() -> None:
-    """Start this process's publisher once (again in a forked child)."""
+def ensure_publishing(*_: Any) -> None:
+    """Start this process's publisher once (again in a forked child).
+
+    Called whenever a pool opens (the app hooks it to the registry's
+    ``on_pool_opened``), so a process without a pool publishes nothing.
+    """
     global _publisher, _decided_in
     if _decided_in == os.getpid():
         return
@@ -187,19 +186,14 @@ def ensure_publishing() -> None:
             return
         _publisher = None  # a parent's publisher thread does not exist here
         try:
-            ts = transport_settings()
+            ts = publish_settings()
         except Exception as exc:
             logger.warning("pool stats are not published: %s", exc)
-            ts = TransportSettings(cache=None, interval=DEFAULT_INTERVAL)
+            ts = PublishSettings(cache=None, interval=DEFAULT_INTERVAL)
         if unshared_reason(ts) is None:
             _publisher = Publisher(ts)
             _publisher.start()
         _decided_in = os.getpid()
-
-
-def publisher() -> Publisher | None:
-    """This process's publisher, if it publishes."""
-    return _publisher if _decided_in == os.getpid() else None
 
 
 @dataclass
@@ -214,7 +208,7 @@ class Deployment:
 def read_deployment() -> Deployment:
     """The stats other processes published, fresh ones only."""
     try:
-        ts = transport_settings()
+        ts = publish_settings()
     except Exception as exc:
         return Deployment([], None, str(exc))
     if (why := unshared_reason(ts)) is not None:

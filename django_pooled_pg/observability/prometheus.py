@@ -1,8 +1,8 @@
 """Prometheus metrics of the pools (the optional ``[prometheus]`` extra).
 
 ``PoolCollector`` reports every process of the deployment, each with
-``host`` and ``pid`` labels, read through the poolstats transport (see
-``transport``): under a multi-worker server a scrape reaches one random
+``host`` and ``pid`` labels, read through the stats publisher (see
+``publisher``): under a multi-worker server a scrape reaches one random
 worker, and that worker reports them all. prometheus_client's multiprocess
 mode is not used: it runs no custom collector.
 
@@ -26,12 +26,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .measures import BUCKETS, Distribution, PoolStats
+from .api import pooled_aliases
+from .records import BUCKETS, Distribution, PoolStats
+from .report import Report, build_report
 
 if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponse
-
-    from .report import Report
 
 PREFIX = "django_pooled_pg_"
 LABELS = ("alias", "host", "pid")
@@ -124,12 +124,9 @@ class ReportCollector(Collector):
 
 
 class PoolCollector(Collector):
-    """Every process's pools, read through the poolstats transport at each scrape."""
+    """Every process's pools, read through the stats publisher at each scrape."""
 
     def collect(self) -> Iterator[Metric]:
-        from .measures import pooled_aliases
-        from .report import build_report
-
         report = build_report(pooled_aliases(), deployment=True, server=False)
         yield from families([p for a in report.aliases for p in a.processes])
 
@@ -149,6 +146,15 @@ def register_default() -> PoolCollector:
         _registered = PoolCollector()
         REGISTRY.register(_registered)
     return _registered
+
+
+def render_prometheus(report: Report) -> str:
+    """Prometheus text exposition of the report's processes (``poolstats --format prometheus``)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(ReportCollector(lambda: report))
+    return str(generate_latest(registry).decode())
 
 
 def _allowed(request: HttpRequest) -> bool:
@@ -174,4 +180,4 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
-__all__ = ["PoolCollector", "families", "metrics_view", "register_default"]
+__all__ = ["PoolCollector", "families", "metrics_view", "register_default", "render_prometheus"]

@@ -1,8 +1,9 @@
 """The poolstats report: gathered from every process, merged, rendered.
 
 ``build_report()`` collects this process's stats, the other processes'
-(from the transport), and the server's view; ``render_*`` turn it into the
-table, the JSON document (schema below) or Prometheus text.
+(from the publisher's cache), and the server's view; ``render_table`` and
+``render_json`` turn it into the table or the JSON document (Prometheus
+text is ``prometheus.render_prometheus``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .measures import (
-    BUCKETS,
+from .activity import ServerView, read_server_view
+from .api import snapshot
+from .publisher import Deployment, publish_settings, read_deployment
+from .records import (
     CLOSE_REASONS,
     HOSTNAME,
-    Config,
     Counters,
     Distribution,
     Histogram,
+    PoolConfig,
     PoolStats,
-    snapshot,
 )
-from .server import ServerView
 
 FORMATS = ("table", "json", "prometheus")
 #: Version of the ``poolstats --json`` document; bumped on incompatible change.
@@ -51,7 +52,7 @@ class Totals:
 @dataclass
 class AliasReport:
     alias: str
-    config: Config
+    config: PoolConfig
     processes: list[PoolStats]  # this process first (if its pool is open)
     totals: Totals
     server: ServerView | None = None
@@ -105,8 +106,6 @@ def totals(processes: list[PoolStats]) -> Totals:
 def _server_view(alias: str) -> ServerView:
     from django.db import connections
 
-    from .server import read_server_view
-
     wrapper = connections[alias]
     with (
         wrapper.direct_connection(application_name="django_pooled_pg poolstats") as conn,  # type: ignore[attr-defined]
@@ -117,11 +116,9 @@ def _server_view(alias: str) -> ServerView:
 
 def build_report(aliases: list[str], deployment: bool = True, server: bool = True) -> Report:
     """Everything poolstats shows for *aliases* (validated by the caller)."""
-    from .transport import Deployment, read_deployment, transport_settings
-
     found = read_deployment() if deployment else Deployment([], None, "--local: this process")
     try:
-        cache = transport_settings().cache
+        cache = publish_settings().cache
     except Exception:
         cache = None
     report = Report(
@@ -214,7 +211,7 @@ def _onoff(value: bool) -> str:
     return "on" if value else "off"
 
 
-def _config_line(c: Config) -> str:
+def _config_line(c: PoolConfig) -> str:
     return (
         f"{c.database} as {c.user or '(default user)'}: min_size {c.min_size}, "
         f"max_size {c.max_size}, timeout {c.timeout:g} s, "
@@ -366,34 +363,12 @@ def _server_lines(a: AliasReport) -> list[str]:
     return lines
 
 
-# -- Prometheus ---------------------------------------------------------------
-
-
-def render_prometheus(report: Report) -> str:
-    """Prometheus text exposition of the report's processes (needs prometheus_client)."""
-    try:
-        from prometheus_client import CollectorRegistry, generate_latest
-    except ImportError:
-        from django.core.management.base import CommandError
-
-        raise CommandError(
-            "--format prometheus needs prometheus_client: pip install 'django-pooled-pg[prometheus]'."
-        ) from None
-    from .metrics import ReportCollector
-
-    registry = CollectorRegistry()
-    registry.register(ReportCollector(lambda: report))
-    return str(generate_latest(registry).decode())
-
-
 __all__ = [
-    "BUCKETS",
     "FORMATS",
     "AliasReport",
     "Report",
     "Totals",
     "build_report",
     "render_json",
-    "render_prometheus",
     "render_table",
 ]

@@ -1,0 +1,230 @@
+"""One pooled session: the connection class, its reset, and its liveness.
+
+A returned connection is made fit for the next request without waiting:
+``send_reset()`` rolls back, restores what a request changed on the psycopg
+object, and *sends* ``DISCARD ALL``; ``collect_reset()`` reads the answer at
+the next checkout, by which time it has arrived. ``socket_alive()`` catches a
+backend the server closed while the connection sat idle, without a round
+trip, and ``watch_for_fatal()`` hears the server announce that it is closing
+a session.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import traceback
+import weakref
+from collections.abc import Callable
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import pq
+
+if TYPE_CHECKING:
+    from .base import DatabaseWrapper
+    from .pool import DjangoPool
+
+IDLE = pq.TransactionStatus.IDLE
+INTRANS = pq.TransactionStatus.INTRANS
+INERROR = pq.TransactionStatus.INERROR
+UNKNOWN = pq.TransactionStatus.UNKNOWN
+ACTIVE = pq.TransactionStatus.ACTIVE
+_CONN_OK = pq.ConnStatus.OK
+_DISCARD_ALL = b"DISCARD ALL"
+
+
+class PooledConnection(psycopg.Connection[Any]):
+    """A psycopg connection that knows its place in the pool's loop."""
+
+    # Set by the pool; class defaults keep a fresh connection consistent.
+    _dpp_reset_pending: bool = False
+    _dpp_generation: int = 0  # bumped at every checkout and return
+    _dpp_leases: set[PooledConnection] | None = None  # the holding thread's
+    _dpp_owner: weakref.ref[DatabaseWrapper] | None = None
+    _dpp_pool: DjangoPool | None = None
+    _dpp_fatal: bool = False  # the server said FATAL: it is closing the session
+    _dpp_deadline: float | None = None  # of the checkout that is taking it
+    _dpp_out_at: float = 0.0  # monotonic time of the current checkout
+    _dpp_stack: traceback.StackSummary | None = None  # where it was checked out
+    _dpp_leak_reported: bool = False
+    _dpp_closed: bool = False  # closed by the pool (counted once)
+
+
+class SessionBroken(psycopg.OperationalError):
+    """The server or the network ended the session: close it as ``broken``."""
+
+
+class ResetFailed(psycopg.OperationalError):
+    """The session is alive but its reset did not succeed: close it as ``reset_failed``."""
+
+
+def close_reason(exc: BaseException) -> str:
+    """The close reason (see CLOSE_REASONS) for a connection that raised *exc* at checkout."""
+    return "reset_failed" if isinstance(exc, ResetFailed) else "broken"
+
+
+def watch_for_fatal(conn: PooledConnection) -> None:
+    """Flag the connection when the server announces it is closing it.
+
+    A terminated backend sends its FATAL message before closing the socket.
+    libpq hands an error that arrives while the connection is idle to the
+    notice processor; the EOF may follow a moment later.
+    """
+    ref = weakref.ref(conn)
+
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized in ("FATAL", "PANIC") and (c := ref()) is not None:
+            c._dpp_fatal = True
+
+    conn.add_notice_handler(on_notice)
+
+
+def socket_alive(conn: PooledConnection) -> bool:
+    """True unless the server closed the session: no round trip, no GIL release.
+
+    An idle connection's socket has nothing to read; a backend that was
+    terminated left its FATAL message and then EOF there. Reading is
+    PQconsumeInput on the non-blocking socket (EOF fails it) and parsing is
+    PQgetResult, which on an idle connection never waits and hands an error
+    to the notice handler. Both keep the GIL: poll() and PQisBusy release it,
+    and under load from several threads each release can cost the checkout
+    a thread switch.
+    """
+    pgconn = conn.pgconn
+    if conn._dpp_fatal or pgconn.status != _CONN_OK:
+        return False
+    try:
+        pgconn.consume_input()
+        if pgconn.transaction_status != ACTIVE:  # no query pending: never waits
+            pgconn.get_result()
+    except psycopg.OperationalError:
+        return False
+    return not conn._dpp_fatal and pgconn.status == _CONN_OK
+
+
+def send_reset(
+    conn: PooledConnection, user_reset: Callable[[Any], None] | None, reset_session: bool
+) -> bool:
+    """Make a returned connection fit for the next request; True if a reset was sent.
+
+    Rolls back an open transaction, runs the user's ``reset`` callback,
+    restores the psycopg object's own settings (client-side: no I/O) and,
+    with *reset_session*, sends ``DISCARD ALL`` without waiting for its
+    answer, which arrives while the connection waits in the pool. Raises if
+    the connection cannot be made fit.
+    """
+    pgconn = conn.pgconn
+    status = pgconn.transaction_status
+    if status in (INTRANS, INERROR):
+        conn.rollback()  # psycopg forgets its prepared statements too
+    elif status != IDLE:  # ACTIVE: returned in the middle of a query
+        raise psycopg.OperationalError("connection returned while a query was running")
+    if user_reset is not None:
+        user_reset(conn)
+    # What a request changed on the psycopg object itself.
+    if not conn.autocommit:
+        conn.autocommit = True
+    if conn.read_only is not None:
+        conn.read_only = None
+    if conn.deferrable is not None:
+        conn.deferrable = None
+    if conn.isolation_level is not None:
+        conn.isolation_level = None
+    if pgconn.transaction_status != IDLE:
+        raise psycopg.ProgrammingError("reset left the connection in a transaction")
+    if not reset_session:
+        return False
+    pgconn.send_query(_DISCARD_ALL)
+    conn._dpp_reset_pending = True
+    return True
+
+
+def reset_done(conn: PooledConnection) -> bool:
+    """Whether the answer to a pending session reset has arrived (no wait)."""
+    if not conn._dpp_reset_pending:
+        return True
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()  # libpq's socket is non-blocking: never waits
+    except psycopg.OperationalError:
+        return True  # broken: the checkout's own check will say so
+    return not pgconn.is_busy()
+
+
+def collect_reset(conn: PooledConnection, deadline: float, timeout: float) -> None:
+    """Read the answer to the reset sent at return, waiting until *deadline*.
+
+    Raises ``ResetFailed`` if no answer came in time or the server refused
+    the reset on a live session, ``SessionBroken`` if the session ended.
+    """
+    conn._dpp_reset_pending = False
+    pgconn = conn.pgconn
+    fd = pgconn.socket
+    poller = None
+    error = None
+    # libpq's PQgetResult waits for the socket while holding the GIL when
+    # the answer is incomplete: wait in poll() (which releases it) until
+    # is_busy() says the answer is there. The server sends its whole
+    # answer, CommandComplete and ReadyForQuery, in one write, so once
+    # the first part is in, so is the rest, and the results are read
+    # without asking again: each is_busy() releases the GIL, and under
+    # load from several threads every release can cost a thread switch.
+    pgconn.consume_input()
+    while pgconn.is_busy():
+        left = deadline - monotonic()
+        if left <= 0:
+            # A server that hangs, or a network gone silent, never answers.
+            raise ResetFailed(f"no answer to the session reset within {timeout:g} s")
+        if poller is None:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        poller.poll(1000 * left)
+        pgconn.consume_input()
+    while (res := pgconn.get_result()) is not None:
+        if res.status != pq.ExecStatus.COMMAND_OK:
+            # Often the session ending (a FATAL, EOF to follow): the
+            # connection is discarded, and nothing more is read from it.
+            error = res.get_error_message()
+            severity = res.error_field(pq.DiagnosticField.SEVERITY_NONLOCALIZED)
+            if severity in (b"FATAL", b"PANIC"):
+                conn._dpp_fatal = True
+            break
+    if error is not None:
+        if pgconn.status == _CONN_OK and not conn._dpp_fatal:
+            raise ResetFailed(f"session reset failed: {error}")
+        raise SessionBroken(f"session reset failed: {error}")
+    forget_prepared_statements(conn)
+
+
+def forget_prepared_statements(conn: psycopg.Connection[Any]) -> None:
+    """DISCARD ALL dropped the server's prepared statements: tell psycopg.
+
+    psycopg clears its cache only when DISCARD ALL goes through its own
+    execute(); ours went through the low-level connection. Emptying the
+    cache (without queueing a DEALLOCATE) keeps the two in agreement.
+    """
+    prepared = conn._prepared
+    prepared._names.clear()
+    prepared._counts.clear()
+    prepared._to_flush.clear()
+
+
+_devnull_fd: int | None = None
+
+
+def neutralize(conn: psycopg.Connection[Any]) -> None:
+    """Point an inherited connection's socket at /dev/null.
+
+    Whatever happens to the object afterwards (close, garbage collection,
+    TLS shutdown), its bytes go nowhere and the parent's session is intact.
+    """
+    global _devnull_fd
+    try:
+        fd = conn.pgconn.socket
+    except Exception:
+        return  # already closed
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDWR)
+    os.dup2(_devnull_fd, fd)
