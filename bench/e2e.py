@@ -52,7 +52,10 @@ def parse_wrk(text: str) -> dict[str, Any]:
     return out
 
 
-def serve_and_load(strategy: str, seconds: int, sessions_sampler: Any) -> dict[str, Any]:
+def serve_and_load(
+    strategy: str, seconds: int, sessions_sampler: Any, **env: str
+) -> dict[str, Any]:
+    """*env*: more environment for the server (PGPORT of a pooler, POOL_OPTIONS_JSON)."""
     port = free_port()
     server = start_server(
         ["gunicorn", "-w", "2", "-k", "gthread", "--threads", "4",
@@ -60,6 +63,7 @@ def serve_and_load(strategy: str, seconds: int, sessions_sampler: Any) -> dict[s
         project=TESTPROJECT,
         TESTPROJECT_DB_STRATEGY=strategy,
         POOL_MAX_SIZE="4",
+        **env,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     script = None

@@ -22,6 +22,10 @@ Scenarios:
   e2e             the test project under gunicorn (2 gthread workers x 4 threads,
                   max_size=4) loaded by wrk from outside (bench/e2e.py; needs
                   wrk: apt-get install wrk)
+  pgbouncer       the request cycle (1 and 4 threads) with ours directly and through
+                  PgBouncer (session; transaction with the pgbouncer option), the
+                  session reset's cost there, and Django without a pool and
+                  persistent connections through PgBouncer (needs pgbouncer)
   soak            one million request cycles on the defaults: RSS and connections
 """
 
@@ -42,7 +46,7 @@ from typing import Any
 from tables import md
 
 from dpp_devtools import throwaway
-from dpp_devtools.strategies import POOLS, STRATEGIES, available, database
+from dpp_devtools.strategies import POOLER_STRATEGIES, POOLS, STRATEGIES, available, database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,14 +54,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- the worker: one strategy, one scenario, in its own process ---------------
 
 
-def setup(strategy: str, min_size: int, max_size: int, port: str | None = None) -> None:
+def setup(
+    strategy: str,
+    min_size: int,
+    max_size: int,
+    port: str | None = None,
+    pool: dict[str, Any] | None = None,
+) -> None:
     from django.conf import settings
 
     server = throwaway.database_settings()
     if port:
         server["PORT"] = port
+    db = database(strategy, server, min_size=min_size, max_size=max_size, pool=pool)
     settings.configure(
-        DATABASES={"default": database(strategy, server, min_size=min_size, max_size=max_size)},
+        DATABASES={"default": db},
         USE_TZ=True,
         TIME_ZONE="UTC",
         INSTALLED_APPS=[],
@@ -167,7 +178,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def worker_cycle(args: dict[str, Any]) -> dict[str, Any]:
     threads, n = args["threads"], args["requests"]
-    setup(args["strategy"], args["max_size"], args["max_size"])
+    setup(
+        args["strategy"],
+        args["max_size"],
+        args["max_size"],
+        port=args.get("port"),
+        pool=args.get("pool"),
+    )
 
     def body(i: int, barrier: threading.Barrier) -> None:
         for _ in range(50):
@@ -446,6 +463,128 @@ def run_spike(strategies: list[str], rounds: int) -> dict[str, Any]:
     return out
 
 
+def run_pgbouncer(rounds: int, requests: int, seconds: int) -> dict[str, Any] | None:
+    """Ours directly and through PgBouncer, and what deployments run there today."""
+    from dpp_devtools.pgbouncer import NoPgBouncer, ThrowawayPgBouncer
+
+    s = throwaway.database_settings()
+    server = {
+        "host": s["HOST"],
+        "port": str(s["PORT"]),
+        "user": s["USER"],
+        "password": s["PASSWORD"],
+    }
+    try:
+        bouncers = {
+            mode: ThrowawayPgBouncer(server, mode=mode) for mode in ("session", "transaction")
+        }
+    except NoPgBouncer as exc:
+        print(f"\npgbouncer: skipped, {exc}")
+        return None
+    for b in bouncers.values():
+        b.start()
+    names = list(POOLER_STRATEGIES)
+    out: dict[str, Any] = {}
+    try:
+        for threads, size in [(1, 1), (4, 4)]:
+            key = f"{threads} thread{'s' if threads > 1 else ''}, max_size={size}"
+            runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            for r in range(rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    behind = POOLER_STRATEGIES[name]
+                    _fresh(bouncers)
+                    n = max(requests // threads, 200)
+                    if behind.strategy == "connect per request":
+                        n = max(n // 10, 50)
+                    port = str(bouncers[behind.pgbouncer].port) if behind.pgbouncer else None
+                    runs[name].append(
+                        measure(
+                            "cycle",
+                            strategy=behind.strategy,
+                            threads=threads,
+                            max_size=size,
+                            requests=n,
+                            port=port,
+                            pool=behind.pool,
+                        )
+                    )
+            base = median_of(runs["ours direct"], "rps")
+            out[key] = {}
+            rows = []
+            for name in names:
+                rps = median_of(runs[name], "rps")
+                out[key][name] = {
+                    "median_rps": rps,
+                    "ratio_to_ours_direct": rps / base,
+                    "client_cpu_us": median_of(runs[name], "cpu_us"),
+                    "server_connections": max(r["server_connections"] for r in runs[name]),
+                    "runs": [r["rps"] for r in runs[name]],
+                }
+                rows.append(
+                    [
+                        name,
+                        f"{rps:,.0f}",
+                        f"{rps / base:.3f}",
+                        f"{out[key][name]['client_cpu_us']:.1f}",
+                        str(out[key][name]["server_connections"]),
+                    ]
+                )
+            table(
+                f"through PgBouncer ({bouncers['session'].admin('SHOW VERSION')[0]['version']}), "
+                f"request cycle, {key} (medians of {rounds})",
+                ["strategy", "req/s", "x ours direct", "client CPU us/req", "server conns"],
+                rows,
+            )
+        out["end to end"] = _pgbouncer_e2e(bouncers, max(rounds, 3), seconds)
+    finally:
+        for b in bouncers.values():
+            b.destroy()
+    return out
+
+
+def _fresh(bouncers: dict[str, Any]) -> None:
+    """Restart the PgBouncers: no server connection of an earlier run counts in this one."""
+    for b in bouncers.values():
+        b.restart()
+
+
+#: The end-to-end rows through PgBouncer (POOLER_STRATEGIES names).
+PGBOUNCER_E2E = (
+    "ours direct",
+    "ours via pgbouncer session",
+    "ours via pgbouncer transaction (pgbouncer option)",
+    "django no pool via pgbouncer transaction",
+    "persistent via pgbouncer transaction",
+)
+
+
+def _pgbouncer_e2e(bouncers: dict[str, Any], rounds: int, seconds: int) -> dict[str, Any] | None:
+    import shutil
+
+    import e2e
+
+    if shutil.which("wrk") is None:
+        print("\npgbouncer end to end: skipped, wrk is not installed (apt-get install wrk)")
+        return None
+    e2e.migrate()
+    names = list(PGBOUNCER_E2E)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            behind = POOLER_STRATEGIES[name]
+            env = {"POOL_OPTIONS_JSON": json.dumps(behind.pool)}
+            _fresh(bouncers)
+            if behind.pgbouncer:
+                env["PGPORT"] = str(bouncers[behind.pgbouncer].port)
+            runs[name].append(e2e.serve_and_load(behind.strategy, seconds, ServerSessions, **env))
+    return e2e_summary(
+        runs,
+        "ours direct",
+        f"end to end through PgBouncer: gunicorn 2 workers x 4 threads (max_size=4), "
+        f"wrk 16 connections, {seconds} s, medians of {rounds}",
+    )
+
+
 def run_soak(requests: int) -> dict[str, Any]:
     result = measure("soak", strategy="ours (defaults)", requests=requests)
     samples = result["samples"]
@@ -477,14 +616,26 @@ def run_e2e(rounds: int, seconds: int) -> dict[str, Any] | None:
     for r in range(rounds):
         for strategy in names[r % len(names) :] + names[: r % len(names)]:
             runs[strategy].append(e2e.serve_and_load(strategy, seconds, ServerSessions))
-    base = median_of(runs["persistent"], "rps")
+    return e2e_summary(
+        runs,
+        "persistent",
+        f"end to end: gunicorn 2 workers x 4 threads (max_size=4), wrk 16 connections, "
+        f"{seconds} s, medians of {rounds}",
+    )
+
+
+def e2e_summary(
+    runs: dict[str, list[dict[str, Any]]], base_name: str, title: str
+) -> dict[str, Any]:
+    """Medians of end-to-end runs, ratios to *base_name*, printed as a table."""
+    base = median_of(runs[base_name], "rps")
+    ratio = f"ratio_to_{base_name.replace(' ', '_')}"
     out: dict[str, Any] = {}
     rows = []
-    for strategy in names:
-        rr = runs[strategy]
+    for strategy, rr in runs.items():
         o = out[strategy] = {
             "median_rps": median_of(rr, "rps"),
-            "ratio_to_persistent": median_of(rr, "rps") / base,
+            ratio: median_of(rr, "rps") / base,
             "latency_p50": median_of(rr, "latency_p50"),
             "latency_p99": median_of(rr, "latency_p99"),
             "errors": sum(x["errors"] for x in rr),
@@ -495,7 +646,7 @@ def run_e2e(rounds: int, seconds: int) -> dict[str, Any] | None:
             [
                 strategy,
                 f"{o['median_rps']:,.0f}",
-                f"{o['ratio_to_persistent']:.3f}",
+                f"{o[ratio]:.3f}",
                 f"{o['latency_p50'] * 1e3:.1f}",
                 f"{o['latency_p99'] * 1e3:.1f}",
                 str(o["errors"]),
@@ -503,9 +654,8 @@ def run_e2e(rounds: int, seconds: int) -> dict[str, Any] | None:
             ]
         )
     table(
-        f"end to end: gunicorn 2 workers x 4 threads (max_size=4), wrk 16 connections, "
-        f"{seconds} s, medians of {rounds}",
-        ["strategy", "req/s", "x persistent", "p50 ms", "p99 ms", "errors", "server conns"],
+        title,
+        ["strategy", "req/s", f"x {base_name}", "p50 ms", "p99 ms", "errors", "server conns"],
         rows,
     )
     return out
@@ -553,7 +703,9 @@ def main() -> int:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--scenarios", nargs="+", default=["cycle", "oversubscribed", "spike", "e2e", "soak"]
+        "--scenarios",
+        nargs="+",
+        default=["cycle", "oversubscribed", "spike", "e2e", "pgbouncer", "soak"],
     )
     parser.add_argument("--e2e-seconds", type=int, default=10)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
@@ -602,6 +754,8 @@ def main() -> int:
         results["spike"] = run_spike(strategies, max(args.rounds // 2, 3))
     if "e2e" in args.scenarios:
         results["e2e"] = run_e2e(max(args.rounds, 3), args.e2e_seconds)
+    if "pgbouncer" in args.scenarios:
+        results["pgbouncer"] = run_pgbouncer(args.rounds, args.requests, args.e2e_seconds)
     if "soak" in args.scenarios:
         results["soak"] = run_soak(args.soak_requests)
     results["seconds"] = time.monotonic() - started

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import weakref
 from time import monotonic
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
@@ -19,6 +21,7 @@ from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
 from psycopg import Connection
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from . import registry
@@ -30,6 +33,9 @@ from .observability.records import HOSTNAME
 from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TCP_SETTINGS, OptionError, PoolOptions, parse
 from .pool import DjangoPool
 from .session import PooledConnection
+from .startup import StartupSettings
+
+logger = logging.getLogger("django_pooled_pg")
 
 checks.register(check_pool_options)
 
@@ -46,12 +52,20 @@ class _ErrorWrapper(DatabaseErrorWrapper):
         if exc_type is not None and issubclass(exc_type, PoolExhausted):
             self.wrapper.errors_occurred = True  # type: ignore[attr-defined]
             return
+        if (
+            exc_type is not None
+            and issubclass(exc_type, psycopg.errors.InvalidCursorName)
+            and "_django_curs_" in str(exc_value)
+        ):
+            logger.warning(
+                "database alias %r: a server-side cursor of a chunked read vanished "
+                "between two statements, as it does behind PgBouncer in transaction mode: "
+                "set DATABASES[%r]['OPTIONS']['pool']['pgbouncer'] = 'transaction' "
+                "(see docs/scaling-out.md).",
+                self.wrapper.alias,  # type: ignore[attr-defined]
+                self.wrapper.alias,  # type: ignore[attr-defined]
+            )
         super().__exit__(exc_type, exc_value, traceback)
-
-
-def _libpq_options_escape(value: str) -> str:
-    # In libpq's "options", backslash escapes a space or a backslash.
-    return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
 class DatabaseWrapper(PostgreSQLDatabaseWrapper):
@@ -125,7 +139,9 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
     def pool_options(self) -> PoolOptions:
         """The validated pool options; ImproperlyConfigured names a bad one."""
         try:
-            return parse(self.alias, self.settings_dict["OPTIONS"].get("pool"))
+            options = self.settings_dict["OPTIONS"]
+            # No "pool" key (OPTIONS replaced after __init__) is pooling on, as in pooled.
+            return parse(self.alias, options.get("pool", True), db_options=options)
         except OptionError as exc:
             raise ImproperlyConfigured(str(exc)) from None
 
@@ -138,10 +154,6 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
             params.setdefault(key, value)
         # Time zone and role as session defaults, from the startup packet:
         # they cost no statement, and DISCARD ALL restores them.
-        startup = [f"-c TimeZone={_libpq_options_escape(self.timezone_name)}"]
-        if role := self.settings_dict["OPTIONS"].get("assume_role"):
-            startup.append(f"-c role={_libpq_options_escape(role)}")
-        params["options"] = " ".join(filter(None, [params.get("options"), *startup]))
         # Which process and alias each session serves, for pg_stat_activity
         # and poolstats; the user's own name stays in front.
         params["application_name"] = application_name(
@@ -152,6 +164,14 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         if provider is not None:
             params["password"] = provider
         return params
+
+    def _startup_settings(self, params: dict[str, Any]) -> StartupSettings:
+        """Time zone and role for the startup packet (see startup.py), and the
+        user's own ``options``, taken out of *params*."""
+        engine = {"TimeZone": self.timezone_name}
+        if role := self.settings_dict["OPTIONS"].get("assume_role"):
+            engine["role"] = role
+        return StartupSettings(self.alias, engine, params.pop("options", None) or "")
 
     def direct_connection(self, **overrides: Any) -> Connection[Any]:
         """A connection outside the pool, with the pool's parameters.
@@ -165,11 +185,39 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         params.update(overrides)
         return Connection.connect(**params)
 
+    def pooler_admin_connection(self) -> Connection[Any] | None:
+        """A connection to PgBouncer's admin console (pool option pgbouncer_admin), or None.
+
+        Rows come as dicts. poolstats reads PgBouncer's view with it.
+        """
+        admin = self.pool_options().pgbouncer_admin
+        if admin is None:
+            return None
+        s = self.settings_dict
+        password = s["PASSWORD"]
+        params: dict[str, Any] = {
+            "host": s["HOST"],
+            "port": s["PORT"],
+            "user": s["USER"],
+            "password": password() if callable(password) else password,
+            "dbname": "pgbouncer",
+            "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+            "application_name": "django_pooled_pg poolstats",
+        }
+        if isinstance(admin, dict):
+            params.update(admin)
+        return Connection.connect(
+            **{k: v for k, v in params.items() if v not in (None, "")},
+            autocommit=True,
+            row_factory=dict_row,
+        )
+
     def _create_pool(self) -> DjangoPool:
         if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
             raise ImproperlyConfigured(PERSISTENT_CONNECTIONS_MESSAGE)
         opts = self.pool_options()
         params = self._pool_connection_params(opts)
+        startup = self._startup_settings(params)
         kwargs: dict[str, Any] | Any
         if callable(provider := params.get("password")):
             del params["password"]
@@ -193,6 +241,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
             check=check,
             database=(s["HOST"], str(s["PORT"]), s["NAME"]),
             user=s["USER"],
+            startup=startup,
         )
 
     def close_pool(self) -> None:
@@ -325,6 +374,20 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         ):
             return
         super()._set_autocommit(autocommit)  # type: ignore[misc]
+
+    def chunked_cursor(self) -> Any:
+        """Django's server-side cursor, except outside a transaction behind transaction pooling.
+
+        There a cursor declared WITH HOLD stays on the server connection that
+        declared it, and the next FETCH goes to another one ("cursor ... does
+        not exist"): a client-side cursor reads the rows instead. Inside a
+        transaction the server connection is the same throughout.
+        """
+        if self.get_autocommit():  # connects
+            pool = getattr(self.connection, "_dpp_pool", None)
+            if pool is not None and pool.options.pgbouncer == "transaction":
+                return self.cursor()
+        return super().chunked_cursor()
 
     def close_if_health_check_failed(self) -> None:
         # As Django's, which reads self.pool (about 0.8 us) at every cursor.

@@ -27,7 +27,7 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         raw = (db.get("OPTIONS") or {}).get("pool", True)
         if raw is False:
             continue
-        for error in collect_errors(alias, raw):
+        for error in collect_errors(alias, raw, db.get("OPTIONS") or {}):
             messages.append(
                 checks.Error(str(error), obj=f"DATABASES[{alias!r}]", id="django_pooled_pg.E001")
             )

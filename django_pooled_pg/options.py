@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -57,7 +58,7 @@ class Option:
     accepted: str  # said in error messages and in the docs
     doc: str  # docs/configuration.md
     summary: str  # the README's option table
-    kind: str  # "int", "number", "bool", "str", "callable"
+    kind: str  # "int", "number", "bool", "str", "callable", "choice", "conninfo"
     bad_example: Any  # a value the docs show being refused
     default_text: str = ""  # how the docs show the default, if not the value itself
     minimum: float | None = None
@@ -67,6 +68,8 @@ class Option:
     psycopg_pool: str | None = None
     #: Part of the password-free configuration poolstats shows (PoolConfig).
     shown: bool = False
+    #: The values a "choice" option accepts.
+    choices: tuple[Any, ...] = ()
 
     def shown_default(self) -> str:
         if self.default_text:
@@ -306,6 +309,52 @@ class PoolOptions:
         minimum=0,
         allow_none=True,
     )
+    pgbouncer: str | None = _option(
+        default=None,
+        default_text="none (a server, or a pooler in session mode)",
+        accepted="None, 'session' or 'transaction'",
+        doc="The pool mode of a PgBouncer (or a managed pooler) between the engine "
+        "and PostgreSQL. 'transaction': nothing relies on session state between "
+        "transactions (no session reset is sent, chunked reads outside a transaction "
+        "use client-side cursors, prepared statements stay off unless "
+        "pgbouncer_prepared_statements), and settings that cannot be kept safe there "
+        "(assume_role, reset_session=True, startup options PgBouncer does not track) "
+        "are refused. 'session': everything works as on a server. See "
+        "docs/scaling-out.md.",
+        summary="the pool mode of a PgBouncer in front of the server: `'transaction'` "
+        "makes the engine safe there",
+        kind="choice",
+        bad_example="statement",
+        allow_none=True,
+        shown=True,
+        choices=("session", "transaction"),
+    )
+    pgbouncer_prepared_statements: bool = _option(
+        default=False,
+        accepted="True or False",
+        doc="With pgbouncer='transaction': the pooler keeps prepared statements per "
+        "client (PgBouncer 1.21+ with max_prepared_statements > 0, on by default "
+        "from 1.24), so OPTIONS['prepare_threshold'] may turn them on.",
+        summary="with `pgbouncer='transaction'`: the pooler supports prepared statements",
+        kind="bool",
+        bad_example="yes",
+    )
+    pgbouncer_admin: bool | dict[str, Any] | None = _option(
+        default=None,
+        default_text="none (off)",
+        accepted="True (this alias's HOST, PORT, USER and PASSWORD, database "
+        "'pgbouncer'), a dict of libpq parameters that override those, or None",
+        doc="An admin connection to the PgBouncer in front of the server: "
+        "manage.py poolstats then shows PgBouncer's own view of this alias's "
+        "database (SHOW POOLS: clients active and waiting, server connections, "
+        "longest wait; SHOW STATS: transactions and queries per second, average "
+        "wait) in the table, JSON and Prometheus formats. The user must be in "
+        "PgBouncer's admin_users or stats_users.",
+        summary="an admin connection to PgBouncer: poolstats shows its pools and stats",
+        kind="conninfo",
+        bad_example="pgbouncer",
+        allow_none=True,
+    )
     #: Not an option: a user's "check" (even None) overrides CONN_HEALTH_CHECKS.
     check_given: bool = False
 
@@ -352,6 +401,16 @@ def _coerce(alias: str, opt: Option, value: Any) -> Any:
         if isinstance(value, str) and value:
             return value
         raise _value_error(alias, opt, value)
+    if opt.kind == "choice":
+        if value in opt.choices:
+            return value
+        raise _value_error(alias, opt, value)
+    if opt.kind == "conninfo":
+        if value is True:
+            return value
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise _value_error(alias, opt, value)
     if opt.kind == "callable":
         if isinstance(value, str):
             try:
@@ -380,19 +439,28 @@ def _coerce(alias: str, opt: Option, value: Any) -> Any:
     return float(value) if opt.kind == "number" else value
 
 
-def collect_errors(alias: str, raw: Any) -> list[OptionError]:
+def collect_errors(
+    alias: str, raw: Any, db_options: Mapping[str, Any] | None = None
+) -> list[OptionError]:
     """Every problem with ``OPTIONS["pool"]`` of *alias*, in a stable order."""
     errors: list[OptionError] = []
     with contextlib.suppress(OptionError):
-        parse(alias, raw, collect=errors)
+        parse(alias, raw, collect=errors, db_options=db_options)
     return errors
 
 
-def parse(alias: str, raw: Any, collect: list[OptionError] | None = None) -> PoolOptions:
+def parse(
+    alias: str,
+    raw: Any,
+    collect: list[OptionError] | None = None,
+    db_options: Mapping[str, Any] | None = None,
+) -> PoolOptions:
     """Validate ``OPTIONS["pool"]`` (absent, True or a dict) into PoolOptions.
 
-    Raises the first OptionError, or with *collect* records them all and raises
-    the first at the end. The user's dict is never mutated.
+    *db_options* is the alias's whole ``OPTIONS``, for what the pool options
+    forbid there (``pgbouncer='transaction'``). Raises the first OptionError,
+    or with *collect* records them all and raises the first at the end. The
+    user's dict is never mutated.
     """
     errors: list[OptionError] = [] if collect is None else collect
     if raw is True:
@@ -446,6 +514,88 @@ def parse(alias: str, raw: Any, collect: list[OptionError] | None = None) -> Poo
                 f"({values['min_size']!r}); max_size must be >= min_size.",
             )
         )
+    if values["pgbouncer"] == "transaction":
+        if "reset_session" not in given:
+            values["reset_session"] = False  # it would reset another client's server session
+        errors.extend(_transaction_pooling_errors(alias, values, db_options or {}))
     if errors:
         raise errors[0]
     return PoolOptions(check_given="check" in given, **values)
+
+
+#: Parameters PgBouncer keeps per client and sets again on whichever server
+#: connection it hands the client (its "tracked" parameters, 1.18 to 1.24).
+PGBOUNCER_TRACKED = (
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "application_name",
+)
+
+_SETTING = re.compile(r"(?:-c\s*|--)([A-Za-z_][\w.]*)=")
+
+
+def startup_settings_of(options: str) -> list[str]:
+    """The names a libpq ``options`` string sets (``-c name=value``, ``--name=value``)."""
+    return _SETTING.findall(options)
+
+
+def _transaction_pooling_errors(
+    alias: str, values: dict[str, Any], db_options: Mapping[str, Any]
+) -> list[OptionError]:
+    """What cannot be kept safe through PgBouncer in transaction mode, and what to do."""
+    where = f"DATABASES[{alias!r}]['OPTIONS']"
+    mode = f"{where}['pool']['pgbouncer'] is 'transaction'"
+    errors = []
+    if values["reset_session"]:
+        errors.append(
+            OptionError(
+                "reset_session",
+                f"{where}['pool']['reset_session'] is True, but {mode}: PgBouncer hands "
+                "each transaction to any server connection, so a session reset would "
+                "reset another client's server connection, not this one. Remove "
+                "reset_session (no reset is sent in transaction mode), or run PgBouncer "
+                "in session mode.",
+            )
+        )
+    if role := db_options.get("assume_role"):
+        errors.append(
+            OptionError(
+                "assume_role",
+                f"{where}['assume_role'] is {role!r}, but {mode}: a SET ROLE stays on "
+                "PgBouncer's server connection and reaches other clients' transactions. "
+                f"Make it the login role's default instead (ALTER ROLE <login> SET role "
+                f"= '{role}', which survives DISCARD ALL) and remove assume_role.",
+            )
+        )
+    tracked = {name.lower() for name in PGBOUNCER_TRACKED}
+    untracked = [
+        name
+        for name in startup_settings_of(str(db_options.get("options") or ""))
+        if name.lower() not in tracked
+    ]
+    if untracked:
+        errors.append(
+            OptionError(
+                "options",
+                f"{where}['options'] sets {', '.join(untracked)}, but {mode}: PgBouncer "
+                f"keeps only {', '.join(PGBOUNCER_TRACKED)} per client, so the setting "
+                "would be lost or reach other clients' transactions. Set it on the server "
+                f"(ALTER ROLE <login> SET {untracked[0]} = ..., or ALTER DATABASE ... SET) "
+                "and remove it from OPTIONS['options'].",
+            )
+        )
+    threshold = db_options.get("prepare_threshold")
+    if threshold is not None and not values["pgbouncer_prepared_statements"]:
+        errors.append(
+            OptionError(
+                "prepare_threshold",
+                f"{where}['prepare_threshold'] is {threshold!r}, but {mode}: prepared "
+                "statements through PgBouncer in transaction mode need PgBouncer 1.21 or "
+                "newer with max_prepared_statements > 0 (on by default from 1.24). If "
+                "yours has it, set OPTIONS['pool']['pgbouncer_prepared_statements'] = "
+                "True; otherwise remove prepare_threshold.",
+            )
+        )
+    return errors

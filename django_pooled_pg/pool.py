@@ -41,6 +41,7 @@ from .failures import Outage, ReconnectAttempt, exhausted
 from .observability import records
 from .options import PoolOptions
 from .session import IDLE, UNKNOWN, PooledConnection
+from .startup import StartupOptionsRefused, StartupSettings
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -63,8 +64,14 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         check: Callable[[Any], None] | None,
         database: tuple[str, str, str],
         user: str = "",
+        startup: StartupSettings | None = None,
     ) -> None:
         self.alias = alias
+        #: The engine's own session settings (time zone, role) and where they travel.
+        self.startup = startup if startup is not None else StartupSettings(alias, {})
+        self._kwargs = kwargs
+        #: Whether a pooler stands before the server (None: not known yet).
+        self.behind_pooler: bool | None = None
         self.options = options
         self.database = database  # (host, port, dbname), to find pools by database
         self.user = user
@@ -83,12 +90,12 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._parked: dict[PooledConnection, float] = {}
         self._local = threading.local()
         super().__init__(
-            kwargs=kwargs,
+            kwargs=self._connection_kwargs,
             connection_class=PooledConnection,
             open=False,
             name=options.name or alias,
             check=check,
-            configure=self._configure_session if options.configure else None,
+            configure=self._configure_session,
             **options.psycopg_pool_kwargs(),
         )
 
@@ -240,8 +247,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
     def _collect_reset(self, conn: PooledConnection) -> None:
         deadline = conn._dpp_deadline or monotonic() + self.timeout
         session.collect_reset(conn, deadline, self.timeout)
+        # The engine's own settings rode with the reset (send_reset); the
+        # user's configure runs again, so that what it sets survives resets.
         if self.options.configure is not None:
-            self._configure_session(conn)
+            self._configure_user(conn)
 
     def _holds_nothing(self) -> bool:
         """No connection idle, parked or in use: none could come back."""
@@ -314,7 +323,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._replace(conn, "lifetime")
             return
         try:
-            if session.send_reset(conn, self._reset, self.options.reset_session):
+            if session.send_reset(conn, self._reset, self.options.reset_session, self.startup.sql):
                 self.recorder.reset_sent()
         except Exception as exc:
             logger.info("pool %r: discarding a returned connection: %s", self.name, exc)
@@ -381,12 +390,46 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         if to_close is not None:
             self._close_connection(to_close, "idle")
 
+    def _connection_kwargs(self) -> dict[str, Any]:
+        # Per attempt: the startup options change when a pooler refuses them.
+        kwargs = self._kwargs() if callable(self._kwargs) else dict(self._kwargs)
+        if options := self.startup.options():
+            kwargs["options"] = options
+        return kwargs
+
     def _configure_session(self, conn: PooledConnection) -> None:
-        # The user's configure, on each new connection and after each reset.
-        # Django's time zone and role travel in the startup packet's options
-        # instead, so DISCARD ALL keeps them and no callback needs the Django
-        # wrapper (whose use here deadlocks Django's own pool, see
-        # DJANGO-NOTES: assume_role).
+        # A new connection (psycopg_pool's configure hook). Django's time
+        # zone and role travel in the startup packet's options, so DISCARD
+        # ALL keeps them and no callback needs the Django wrapper (whose use
+        # here deadlocks Django's own pool, see DJANGO-NOTES: assume_role);
+        # where a pooler refused them, they are set here (startup.py).
+        if "TimeZone" in self.startup.by_sql:  # reported by the server (ParameterStatus)
+            self.startup.server_default("TimeZone", conn.info.parameter_status("TimeZone"))
+        if sql := self.startup.sql:
+            conn.execute(sql)
+        if self.behind_pooler is None:
+            self._check_for_pooler(conn)
+        if self.options.configure is not None:
+            self._configure_user(conn)
+
+    def _check_for_pooler(self, conn: PooledConnection) -> None:
+        """Once per pool: warn when a pooler is there and the pgbouncer option is not."""
+        self.behind_pooler = found = session.behind_a_pooler(conn)
+        if found:
+            self.startup.restore_all_by_sql()
+        if found and self.options.pgbouncer is None:
+            logger.warning(
+                "pool %r: a pooler such as PgBouncer stands between the engine and "
+                "PostgreSQL (the server's backend pid differs from the one the "
+                "connection was given). If it pools by transaction, set "
+                "DATABASES[%r]['OPTIONS']['pool']['pgbouncer'] = 'transaction' "
+                "(see docs/scaling-out.md); in session mode, 'session' says so.",
+                self.name,
+                self.alias,
+            )
+
+    def _configure_user(self, conn: PooledConnection) -> None:
+        """The user's configure, on each new connection and after each reset."""
         configure = self.options.configure
         assert configure is not None
         configure(conn)
@@ -399,7 +442,12 @@ class DjangoPool(ConnectionPool[PooledConnection]):
     def _connect(self, timeout: float | None = None) -> PooledConnection:
         t0 = monotonic()
         try:
-            conn = super()._connect(timeout)
+            conn = self._connect_learning(timeout)
+        except StartupOptionsRefused as exc:
+            self.recorder.connect_failed()
+            error = psycopg.OperationalError(str(exc))
+            self._connect_failed(error)
+            raise error from None
         except Exception as exc:
             self.recorder.connect_failed()
             self._connect_failed(exc)
@@ -411,6 +459,20 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             )
         session.watch_for_fatal(conn)
         return conn
+
+    def _connect_learning(self, timeout: float | None) -> PooledConnection:
+        while True:
+            learned = self.startup.learned
+            try:
+                return super()._connect(timeout)
+            except psycopg.OperationalError as exc:
+                # A pooler that refuses the engine's startup settings: they
+                # are set after connecting from now on; try again at once.
+                # (Each refusal moves at least one setting, so this ends.)
+                # An attempt that set out before another one learned that
+                # simply goes again.
+                if self.startup.learned == learned and not self.startup.learn(exc):
+                    raise
 
     def _connect_failed(self, exc: Exception) -> None:
         if self.outage.attempt_failed(exc):

@@ -105,15 +105,19 @@ def socket_alive(conn: PooledConnection) -> bool:
 
 
 def send_reset(
-    conn: PooledConnection, user_reset: Callable[[Any], None] | None, reset_session: bool
+    conn: PooledConnection,
+    user_reset: Callable[[Any], None] | None,
+    reset_session: bool,
+    restore: bytes = b"",
 ) -> bool:
     """Make a returned connection fit for the next request; True if a reset was sent.
 
     Rolls back an open transaction, runs the user's ``reset`` callback,
     restores the psycopg object's own settings (client-side: no I/O) and,
     with *reset_session*, sends ``DISCARD ALL`` without waiting for its
-    answer, which arrives while the connection waits in the pool. Raises if
-    the connection cannot be made fit.
+    answer, which arrives while the connection waits in the pool. *restore*
+    (``SET`` statements) rides in the same query. Raises if the connection
+    cannot be made fit.
     """
     pgconn = conn.pgconn
     status = pgconn.transaction_status
@@ -136,9 +140,29 @@ def send_reset(
         raise psycopg.ProgrammingError("reset left the connection in a transaction")
     if not reset_session:
         return False
-    pgconn.send_query(_DISCARD_ALL)
+    pgconn.send_query(reset_query(restore))
     conn._dpp_reset_pending = True
     return True
+
+
+def reset_query(restore: bytes = b"") -> bytes:
+    """``DISCARD ALL``, or what it does followed by *restore* in one query.
+
+    DISCARD ALL refuses to share a query string ("cannot run inside a
+    transaction block"); the statements PostgreSQL documents it as equal to
+    can, so settings to restore (startup.py) cost no extra round trip.
+    """
+    if not restore:
+        return _DISCARD_ALL
+    return _DISCARD_ALL_STATEMENTS + b"; " + restore
+
+
+_DISCARD_ALL_STATEMENTS = (
+    b"CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; "
+    b"UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; "
+    b"DISCARD SEQUENCES"
+)
+_RESET_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 
 
 def reset_done(conn: PooledConnection) -> bool:
@@ -183,7 +207,7 @@ def collect_reset(conn: PooledConnection, deadline: float, timeout: float) -> No
         poller.poll(1000 * left)
         pgconn.consume_input()
     while (res := pgconn.get_result()) is not None:
-        if res.status != pq.ExecStatus.COMMAND_OK:
+        if res.status not in _RESET_OK:
             # Often the session ending (a FATAL, EOF to follow): the
             # connection is discarded, and nothing more is read from it.
             error = res.get_error_message()
@@ -196,6 +220,16 @@ def collect_reset(conn: PooledConnection, deadline: float, timeout: float) -> No
             raise ResetFailed(f"session reset failed: {error}")
         raise SessionBroken(f"session reset failed: {error}")
     forget_prepared_statements(conn)
+
+
+def behind_a_pooler(conn: psycopg.Connection[Any]) -> bool:
+    """Whether a pooler such as PgBouncer stands between *conn* and PostgreSQL (one query).
+
+    PgBouncer hands each client a made-up backend pid (and cancel key) in
+    its startup answer; the server's own pid for the session differs.
+    """
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    return row is not None and row[0] != conn.info.backend_pid
 
 
 def forget_prepared_statements(conn: psycopg.Connection[Any]) -> None:

@@ -16,7 +16,7 @@ import pytest
 from django.db import connection
 
 from django_pooled_pg.base import DatabaseWrapper
-from dpp_devtools import throwaway
+from dpp_devtools import pgbouncer, throwaway
 from tests.helpers import db_settings
 
 _aliases = itertools.count()
@@ -79,3 +79,36 @@ def private_server(django_db_blocker: Any) -> Iterator[throwaway.ThrowawayServer
     with django_db_blocker.unblock():
         yield server
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pgbouncers() -> Iterator[Callable[[str], pgbouncer.ThrowawayPgBouncer]]:
+    """PgBouncer in front of the session's server, one per pool mode, started on first use.
+
+    PgBouncer's default configuration, as a new user meets it; tests that
+    need other settings or a restart start their own.
+    """
+    started: dict[str, pgbouncer.ThrowawayPgBouncer] = {}
+
+    def get(mode: str) -> pgbouncer.ThrowawayPgBouncer:
+        if mode not in started:
+            bouncer = pgbouncer.ThrowawayPgBouncer(server_conninfo(), mode=mode)
+            bouncer.start()
+            started[mode] = bouncer
+        return started[mode]
+
+    yield get
+    for bouncer in started.values():
+        bouncer.destroy()
+
+
+def server_conninfo() -> dict[str, str]:
+    """libpq settings of the session's server (the test database's host and login)."""
+    s = connection.settings_dict
+    return {
+        "host": s["HOST"] or "127.0.0.1",
+        "port": str(s["PORT"] or 5432),
+        "user": s["USER"],
+        "password": s["PASSWORD"],
+        "dbname": s["NAME"],
+    }

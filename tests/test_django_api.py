@@ -97,3 +97,14 @@ def test_connect_from_an_event_loop_raises_as_djangos_does(make_wrapper: Make) -
         cursor.execute("SELECT 1")
     wrapper.close()
     assert django_pooled_pg.stats(wrapper.alias).live.in_use == 0
+
+
+def test_options_replaced_without_a_pool_key_still_pool(make_wrapper: Make) -> None:
+    """Django's own tests replace OPTIONS wholesale; no "pool" key means pooled, as on creation."""
+    wrapper = make_wrapper(pool={"max_size": 1})
+    wrapper.settings_dict["OPTIONS"] = {}
+    assert wrapper.pooled and wrapper.pool_options().max_size == 10
+    with wrapper.chunked_cursor() as cursor:
+        cursor.execute("SELECT g FROM generate_series(1, 3) g")
+        assert cursor.fetchall() == [(1,), (2,), (3,)]
+    wrapper.close()

@@ -73,7 +73,10 @@ def test_json_follows_the_documented_schema(transactional_db: None) -> None:
     assert set(doc["transport"]) == {"cache", "shared", "error", "note"}
     assert doc["transport"]["shared"] is False  # the test settings' cache is local memory
     default = doc["aliases"]["default"]
-    assert set(default) == {"config", "processes", "totals", "server", "server_error", "rates"}
+    assert set(default) == {
+        "config", "processes", "totals", "server", "server_error", "pooler", "pooler_error", "rates"
+    }  # fmt: skip
+    assert default["pooler"] is None  # no pgbouncer_admin
     (mine,) = default["processes"]
     assert mine["pid"] == os.getpid() and mine["live"]["in_use"] == 1
     assert set(mine["counters"]) >= {"checkouts", "timeouts", "rejected", "opened", "lost", "leaks"}

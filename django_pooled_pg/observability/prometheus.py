@@ -112,6 +112,67 @@ def families(processes: list[PoolStats]) -> Iterator[Metric]:
         yield hist
 
 
+_POOLER_GAUGES: tuple[tuple[str, str, str], ...] = (
+    (
+        "pgbouncer_clients_active",
+        "clients_active",
+        "PgBouncer: clients linked to a server connection or idle.",
+    ),
+    (
+        "pgbouncer_clients_waiting",
+        "clients_waiting",
+        "PgBouncer: clients waiting for a server connection.",
+    ),
+    (
+        "pgbouncer_servers_active",
+        "servers_active",
+        "PgBouncer: server connections linked to a client.",
+    ),
+    ("pgbouncer_servers_idle", "servers_idle", "PgBouncer: server connections ready for a client."),
+    (
+        "pgbouncer_max_wait_seconds",
+        "max_wait",
+        "PgBouncer: how long the oldest waiting client has waited.",
+    ),
+)
+_POOLER_RATES: tuple[tuple[str, str, str], ...] = (
+    (
+        "pgbouncer_transactions_per_second",
+        "transactions_per_second",
+        "PgBouncer: transactions per second (last stats period).",
+    ),
+    (
+        "pgbouncer_queries_per_second",
+        "queries_per_second",
+        "PgBouncer: queries per second (last stats period).",
+    ),
+    (
+        "pgbouncer_avg_wait_seconds",
+        "avg_wait_time",
+        "PgBouncer: average wait for a server connection (last stats period).",
+    ),
+)
+
+
+def pooler_families(report: Report) -> Iterator[Metric]:
+    """PgBouncer's view of each alias that has one (pool option pgbouncer_admin)."""
+    views = [(a.alias, a.pooler) for a in report.aliases if a.pooler is not None]
+    if not views:
+        return
+    for name, attr, doc in _POOLER_GAUGES:
+        gauge = GaugeMetricFamily(PREFIX + name, doc, labels=("alias", "database", "user"))
+        for alias, view in views:
+            for p in view.pools:
+                gauge.add_metric([alias, p.database, p.user], getattr(p, attr))
+        yield gauge
+    for name, attr, doc in _POOLER_RATES:
+        gauge = GaugeMetricFamily(PREFIX + name, doc, labels=("alias", "database"))
+        for alias, view in views:
+            for st in view.stats:
+                gauge.add_metric([alias, st.database], getattr(st, attr))
+        yield gauge
+
+
 class ReportCollector(Collector):
     """The processes of a poolstats report (what ``--format prometheus`` prints)."""
 
@@ -121,6 +182,7 @@ class ReportCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         report = self.get_report()
         yield from families([p for a in report.aliases for p in a.processes])
+        yield from pooler_families(report)
 
 
 class PoolCollector(Collector):
@@ -129,6 +191,7 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         report = build_report(pooled_aliases(), deployment=True, server=False)
         yield from families([p for a in report.aliases for p in a.processes])
+        yield from pooler_families(report)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # no collect() at registration: settings may not be ready

@@ -127,6 +127,7 @@ class PoolConfig:
     reset_session: bool
     fail_fast: bool
     leak_timeout: float | None
+    pgbouncer: str | None = None  # (absent from processes of older versions)
 
     @classmethod
     def build(cls, database: tuple[str, str, str], user: str, shown: dict[str, Any]) -> PoolConfig:

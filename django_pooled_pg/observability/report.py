@@ -15,6 +15,7 @@ from typing import Any
 
 from .activity import ServerView, read_server_view
 from .api import snapshot
+from .pooler import PoolerView, read_pooler_view
 from .publisher import Deployment, publish_settings, read_deployment
 from .records import (
     CLOSE_REASONS,
@@ -57,6 +58,8 @@ class AliasReport:
     totals: Totals
     server: ServerView | None = None
     server_error: str | None = None
+    pooler: PoolerView | None = None  # PgBouncer's view (pool option pgbouncer_admin)
+    pooler_error: str | None = None
 
 
 @dataclass
@@ -114,7 +117,24 @@ def _server_view(alias: str) -> ServerView:
         return read_server_view(cursor)
 
 
-def build_report(aliases: list[str], deployment: bool = True, server: bool = True) -> Report:
+def _pooler_view(alias: str) -> PoolerView | None:
+    from django.db import connections
+
+    wrapper = connections[alias]
+    conn = wrapper.pooler_admin_connection()  # type: ignore[attr-defined]
+    if conn is None:
+        return None
+    with conn, conn.cursor() as cursor:
+        return read_pooler_view(cursor, wrapper.settings_dict["NAME"])
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def build_report(
+    aliases: list[str], deployment: bool = True, server: bool = True, pooler: bool = True
+) -> Report:
     """Everything poolstats shows for *aliases* (validated by the caller)."""
     found = read_deployment() if deployment else Deployment([], None, "--local: this process")
     try:
@@ -148,7 +168,12 @@ def build_report(aliases: list[str], deployment: bool = True, server: bool = Tru
             try:
                 entry.server = _server_view(alias)
             except Exception as exc:  # the database is down: say so, show the rest
-                entry.server_error = " ".join(str(exc).split()) or type(exc).__name__
+                entry.server_error = _one_line(exc)
+        if pooler:
+            try:
+                entry.pooler = _pooler_view(alias)
+            except Exception as exc:  # PgBouncer is down or refuses us: say so
+                entry.pooler_error = _one_line(exc)
         report.aliases.append(entry)
     return report
 
@@ -219,6 +244,7 @@ def _config_line(c: PoolConfig) -> str:
         f"max_idle {c.max_idle:g} s, reset_session {_onoff(c.reset_session)}, "
         f"fail_fast {_onoff(c.fail_fast)}, "
         f"leak_timeout {'off' if c.leak_timeout is None else f'{c.leak_timeout:g} s'}"
+        + (f", behind PgBouncer in {c.pgbouncer} mode" if c.pgbouncer else "")
     )
 
 
@@ -326,7 +352,40 @@ def render_table(report: Report, previous: Report | None = None, color: Any = No
                 "  per second: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in r.items())
             )
         lines.extend(_server_lines(a))
+        lines.extend(_pooler_lines(a))
     return "\n".join(lines) + "\n"
+
+
+def _pooler_lines(a: AliasReport) -> list[str]:
+    if a.pooler_error is not None:
+        return [f"  pgbouncer: unavailable: {a.pooler_error}"]
+    v = a.pooler
+    if v is None:
+        return []
+    lines = [f"  pgbouncer ({v.version}), database {a.config.database.rsplit('/', 1)[-1]}:"]
+    rows = [["pool of", "mode", "cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait"]]
+    for p in v.pools:
+        rows.append(
+            [
+                p.user,
+                p.mode,
+                str(p.clients_active),
+                str(p.clients_waiting),
+                str(p.servers_active),
+                str(p.servers_idle),
+                fmt_seconds(p.max_wait),
+            ]
+        )
+    if len(rows) > 1:
+        lines.extend(_grid(rows, ["<", "<", ">", ">", ">", ">", ">"], indent="    "))
+    for st in v.stats:
+        lines.append(
+            f"    per second: {st.transactions_per_second:g} transactions, "
+            f"{st.queries_per_second:g} queries; average transaction "
+            f"{fmt_seconds(st.avg_transaction_time)}, query {fmt_seconds(st.avg_query_time)}, "
+            f"wait {fmt_seconds(st.avg_wait_time)}"
+        )
+    return lines
 
 
 def _server_lines(a: AliasReport) -> list[str]:

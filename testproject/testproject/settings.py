@@ -76,7 +76,11 @@ if _metrics_token := os.environ.get("DPP_METRICS_TOKEN"):
 # dpp_devtools.strategies.STRATEGIES ("persistent", "django pool", ...).
 if _strategy := os.environ.get("TESTPROJECT_DB_STRATEGY"):
     DATABASES["default"] = strategies.database(
-        _strategy, _db, min_size=1, max_size=int(os.environ.get("POOL_MAX_SIZE", "4"))
+        _strategy,
+        _db,
+        min_size=1,
+        max_size=int(os.environ.get("POOL_MAX_SIZE", "4")),
+        pool=json.loads(os.environ.get("POOL_OPTIONS_JSON", "{}")),
     )
 
 LOGGING = {
