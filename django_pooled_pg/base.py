@@ -152,8 +152,6 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         for key, value in DEFAULT_TCP_SETTINGS.items():
             params.setdefault(key, value)
-        # Time zone and role as session defaults, from the startup packet:
-        # they cost no statement, and DISCARD ALL restores them.
         # Which process and alias each session serves, for pg_stat_activity
         # and poolstats; the user's own name stays in front.
         params["application_name"] = application_name(
@@ -166,8 +164,10 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         return params
 
     def _startup_settings(self, params: dict[str, Any]) -> StartupSettings:
-        """Time zone and role for the startup packet (see startup.py), and the
-        user's own ``options``, taken out of *params*."""
+        """Time zone and role for the startup packet, and the user's own
+        ``options``, taken out of *params*: as session defaults they cost no
+        statement and DISCARD ALL restores them; where a pooler refuses
+        them, they are set by SQL (startup.py)."""
         engine = {"TimeZone": self.timezone_name}
         if role := self.settings_dict["OPTIONS"].get("assume_role"):
             engine["role"] = role
