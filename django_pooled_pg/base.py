@@ -49,13 +49,13 @@ class _ErrorWrapper(DatabaseErrorWrapper):
     """
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-        if exc_type is not None and issubclass(exc_type, PoolExhausted):
+        if exc_type is None:  # every query: nothing more to check
+            return
+        if issubclass(exc_type, PoolExhausted):
             self.wrapper.errors_occurred = True  # type: ignore[attr-defined]
             return
-        if (
-            exc_type is not None
-            and issubclass(exc_type, psycopg.errors.InvalidCursorName)
-            and "_django_curs_" in str(exc_value)
+        if issubclass(exc_type, psycopg.errors.InvalidCursorName) and "_django_curs_" in str(
+            exc_value
         ):
             logger.warning(
                 "database alias %r: a server-side cursor of a chunked read vanished "
@@ -188,29 +188,21 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
     def pooler_admin_connection(self) -> Connection[Any] | None:
         """A connection to PgBouncer's admin console (pool option pgbouncer_admin), or None.
 
-        Rows come as dicts. poolstats reads PgBouncer's view with it.
+        This alias's parameters (its password resolved as for the pool) on
+        database ``pgbouncer``, overridden by the option's dict; no startup
+        ``options``, which the console refuses. Rows come as dicts.
         """
         admin = self.pool_options().pgbouncer_admin
         if admin is None:
             return None
-        s = self.settings_dict
-        password = s["PASSWORD"]
-        params: dict[str, Any] = {
-            "host": s["HOST"],
-            "port": s["PORT"],
-            "user": s["USER"],
-            "password": password() if callable(password) else password,
+        overrides = {
             "dbname": "pgbouncer",
-            "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+            "options": "",
             "application_name": "django_pooled_pg poolstats",
+            "autocommit": True,
+            "row_factory": dict_row,
         }
-        if isinstance(admin, dict):
-            params.update(admin)
-        return Connection.connect(
-            **{k: v for k, v in params.items() if v not in (None, "")},
-            autocommit=True,
-            row_factory=dict_row,
-        )
+        return self.direct_connection(**overrides, **(admin if isinstance(admin, dict) else {}))
 
     def _create_pool(self) -> DjangoPool:
         if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:

@@ -57,7 +57,9 @@ class StartupSettings:
         self.user_options = user_options.strip()
         self._by_sql: set[str] = set()  # engine settings moved out of the startup packet
         self._lock = threading.Lock()
-        self._sql = b""
+        #: ``SET`` statements the reset and a new connection run (b"": none);
+        #: an attribute, read at every return.
+        self.sql = b""
         self._restore_all = False  # restore every setting by SQL (behind a pooler)
         self._defaults: set[str] = set()  # moved settings the server has by default
         #: How many refusals were learned: an attempt made before the last
@@ -78,11 +80,6 @@ class StartupSettings:
             if name not in self._by_sql
         ]
         return " ".join(parts)
-
-    @property
-    def sql(self) -> bytes:
-        """``SET`` statements for the settings moved out of the startup packet (b"": none)."""
-        return self._sql
 
     def restore_all_by_sql(self) -> None:
         """Also restore the settings still in the startup packet by SQL in every reset.
@@ -115,7 +112,7 @@ class StartupSettings:
         names = self._by_sql - self._defaults
         if self._restore_all:  # those still in the startup packet, too
             names |= set(self.engine) - self._by_sql
-        self._sql = "; ".join(
+        self.sql = "; ".join(
             f"SET {n} TO {sql_literal(v)}" for n, v in self.engine.items() if n in names
         ).encode()
 

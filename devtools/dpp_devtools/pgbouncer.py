@@ -29,7 +29,7 @@ from typing import IO, Any
 from mirakuru.exceptions import ProcessFinishedWithError
 
 from .servers import free_port
-from .throwaway import LoginExecutor, as_user
+from .throwaway import LoginExecutor, as_user, conninfo
 
 HOW_TO_GET_PGBOUNCER = (
     "No pgbouncer binary was found (looked on PATH and in /usr/sbin). "
@@ -113,13 +113,7 @@ class ThrowawayPgBouncer:
 
     def conninfo(self, dbname: str) -> dict[str, str]:
         """libpq settings of a client of this PgBouncer."""
-        return {
-            "host": self.host,
-            "port": str(self.port),
-            "user": self.user,
-            "password": self.password,
-            "dbname": dbname,
-        }
+        return conninfo(self, dbname)
 
     def start(self) -> None:
         if self._log is None or self._log.closed:

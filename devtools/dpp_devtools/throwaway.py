@@ -335,13 +335,18 @@ class ThrowawayServer:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
     def conninfo(self, dbname: str) -> dict[str, str]:
-        return {
-            "host": self.host,
-            "port": str(self.port),
-            "user": self.user,
-            "password": self.password,
-            "dbname": dbname,
-        }
+        return conninfo(self, dbname)
+
+
+def conninfo(server: Any, dbname: str) -> dict[str, str]:
+    """libpq settings for *dbname* on a server of ours (host, port, user, password)."""
+    return {
+        "host": server.host,
+        "port": str(server.port),
+        "user": server.user,
+        "password": server.password,
+        "dbname": dbname,
+    }
 
 
 def start_private(dbname: str) -> ThrowawayServer:
