@@ -16,6 +16,10 @@ throwaway cluster starts (TCP, password authentication).
 Scenarios:
   cycle           a Django request cycle running SELECT 1; 1, 4 and 16 threads
                   with max_size = threads, and 1 thread with max_size=2
+  dirty           the request cycle with a SET in every request (1 and 4 threads):
+                  reset_session="auto" resets as True does
+  classifier      what "auto" costs: classifying a statement (first time, cached),
+                  the hook per execute(), the reported parameters read at return
   oversubscribed  32 threads on max_size=4: throughput, checkout wait p50/p99, timeouts
   spike           min_size=5, max_size=10, connection set-up slowed to 150 ms,
                   50 requests at once holding their connection 2 ms
@@ -120,8 +124,9 @@ class ServerSessions:
         return self.peak
 
 
-def request(hold: float = 0.0, timed: list[float] | None = None) -> None:
-    """One request as Django's handler runs it: signals around a query."""
+def request(hold: float = 0.0, timed: list[float] | None = None, change: bool = False) -> None:
+    """One request as Django's handler runs it: signals around a query (after a
+    SET that changes the session, with *change*)."""
     from django.core.signals import request_finished, request_started
     from django.db import connection
 
@@ -132,6 +137,8 @@ def request(hold: float = 0.0, timed: list[float] | None = None) -> None:
             connection.ensure_connection()
             timed.append(time.perf_counter() - t0)
         with connection.cursor() as cursor:
+            if change:
+                cursor.execute("SET work_mem = '8MB'")
             cursor.execute("SELECT 1")
             cursor.fetchone()
         if hold:
@@ -186,12 +193,14 @@ def worker_cycle(args: dict[str, Any]) -> dict[str, Any]:
         pool=args.get("pool"),
     )
 
+    change = bool(args.get("change"))
+
     def body(i: int, barrier: threading.Barrier) -> None:
         for _ in range(50):
-            request()  # warm: connections open, statements cached
+            request(change=change)  # warm: connections open, statements cached
         barrier.wait()
         for _ in range(n):
-            request()
+            request(change=change)
 
     sessions = ServerSessions()
     cpu = time.process_time()
@@ -291,7 +300,59 @@ def worker_soak(args: dict[str, Any]) -> dict[str, Any]:
     return {"samples": samples}
 
 
+def worker_classifier(args: dict[str, Any]) -> dict[str, Any]:
+    """What reset_session="auto" costs per statement and per request, in-process."""
+    import timeit
+
+    setup("ours (defaults)", 1, 1)
+    from django.db import connection
+
+    from django_pooled_pg import statements, watch
+
+    def per_call(fn: Any, number: int) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=7)) / number
+
+    orm = [
+        'SELECT "demoapp_counter"."id", "demoapp_counter"."name", "demoapp_counter"."hits" '
+        'FROM "demoapp_counter" WHERE "demoapp_counter"."name" = %s LIMIT 21',
+        'INSERT INTO "demoapp_counter" ("name", "hits", "updated") VALUES (%s, %s, %s) '
+        'RETURNING "demoapp_counter"."id"',
+        'UPDATE "demoapp_counter" SET "hits" = ("demoapp_counter"."hits" + %s) '
+        'WHERE "demoapp_counter"."name" = %s',
+        'SELECT COUNT(*) AS "__count" FROM "demoapp_counter" WHERE "demoapp_counter"."hits" >= %s',
+    ]
+    classify = statements.may_change_session.__wrapped__  # uncached
+    first = statistics.median(per_call(lambda q=q: classify(q), 2000) for q in orm)
+    statements.may_change_session(orm[0])
+    cached = per_call(lambda: statements.may_change_session(orm[0]), 200_000)
+
+    connection.ensure_connection()
+    raw = connection.connection
+    pgconn = raw.pgconn
+    net = per_call(lambda: watch.reported_parameters(pgconn), 50_000)
+    info = raw.info
+    names = [n.decode() for n in watch.REPORTED_PARAMETERS]
+    via_info = per_call(lambda: [info.parameter_status(n) for n in names], 20_000)
+
+    # The hook per statement: execute()'s generator made through the wrapper
+    # (watching this connection) and through psycopg's own function.
+    cur = raw.cursor()
+    hooked = type(cur)._execute_gen
+    original = hooked.__wrapped__
+    raw._dpp_clean = True
+    through_hook = per_call(lambda: hooked(cur, orm[0]).close(), 100_000)
+    direct = per_call(lambda: original(cur, orm[0]).close(), 100_000)
+    return {
+        "classify_first_us": first * 1e6,
+        "classify_cached_ns": cached * 1e9,
+        "parameter_net_us": net * 1e6,
+        "parameter_net_via_info_us": via_info * 1e6,
+        "hook_per_statement_ns": (through_hook - direct) * 1e9,
+    }
+
+
 WORKERS = {
+    "classifier": worker_classifier,
     "cycle": worker_cycle,
     "oversubscribed": worker_oversubscribed,
     "spike": worker_spike,
@@ -368,6 +429,114 @@ def run_cycle(strategies: list[str], rounds: int, requests: int) -> dict[str, An
             rows,
         )
     return out
+
+
+def run_dirty(rounds: int, requests: int) -> dict[str, Any]:
+    """Every request changes the session (a SET): "auto" resets as True does."""
+    names = [
+        "persistent",
+        "django pool",
+        "ours (defaults)",
+        "ours reset_session=True",
+        "ours reset_session=False",
+    ]
+    out: dict[str, Any] = {}
+    for threads in (1, 4):
+        key = f"{threads} thread{'s' if threads > 1 else ''}, max_size={threads}"
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
+        for r in range(rounds):
+            for strategy in names[r % len(names) :] + names[: r % len(names)]:
+                runs[strategy].append(
+                    measure(
+                        "cycle",
+                        strategy=strategy,
+                        threads=threads,
+                        max_size=threads,
+                        requests=max(requests // threads, 200),
+                        change=True,
+                    )
+                )
+        true = median_of(runs["ours reset_session=True"], "rps")
+        persistent = median_of(runs["persistent"], "rps")
+        out[key] = {}
+        rows = []
+        for strategy in names:
+            rps = median_of(runs[strategy], "rps")
+            out[key][strategy] = {
+                "median_rps": rps,
+                "ratio_to_persistent": rps / persistent,
+                "ratio_to_reset_true": rps / true,
+                "client_cpu_us": median_of(runs[strategy], "cpu_us"),
+                "runs": [x["rps"] for x in runs[strategy]],
+            }
+            rows.append(
+                [
+                    strategy,
+                    f"{rps:,.0f}",
+                    f"{rps / persistent:.3f}",
+                    f"{rps / true:.3f}",
+                    f"{out[key][strategy]['client_cpu_us']:.1f}",
+                ]
+            )
+        table(
+            f"dirty requests (SET work_mem, then SELECT 1), {key} (medians of {rounds}; "
+            "persistent and reset_session=False keep the SET)",
+            ["strategy", "req/s", "x persistent", "x reset_session=True", "client CPU us/req"],
+            rows,
+        )
+    return out
+
+
+def run_classifier(rounds: int) -> dict[str, Any]:
+    runs = [measure("classifier") for _ in range(rounds)]
+    out = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    rows = [
+        ["classify an ORM statement, first time (parsed)", f"{out['classify_first_us']:.1f} us"],
+        ["classify it again (cached per SQL text)", f"{out['classify_cached_ns']:.0f} ns"],
+        [
+            "per statement sent: the hook and the cached verdict",
+            f"{out['hook_per_statement_ns']:.0f} ns",
+        ],
+        ["reported parameters at return (libpq)", f"{out['parameter_net_us']:.2f} us"],
+        ["the same through connection.info", f"{out['parameter_net_via_info_us']:.2f} us"],
+    ]
+    table(
+        f'what reset_session="auto" costs (in-process, best of 7, medians of {rounds})',
+        ["what", "cost"],
+        rows,
+    )
+    return out
+
+
+def targets(results: dict[str, Any]) -> None:
+    """The ratios issue 19 sets targets on, from this run."""
+    rows = []
+    for case, by in (results.get("cycle") or {}).items():
+        auto = by.get("ours (defaults)", {}).get("median_rps")
+        off = by.get("ours reset_session=False", {}).get("median_rps")
+        dj = by.get("django pool", {}).get("median_rps")
+        if auto and off and dj:
+            rows.append(
+                [
+                    case,
+                    f"{auto / off:.3f}",
+                    f"{auto / dj:.3f}",
+                    f"{by['ours (defaults)']['ratio_to_persistent']:.3f}",
+                    f"{by['ours reset_session=False']['ratio_to_persistent']:.3f}",
+                ]
+            )
+    if rows:
+        table(
+            'targets: "auto" on clean requests',
+            [
+                "case",
+                "auto / reset off",
+                "auto / django pool",
+                "auto x persistent",
+                "reset off x persistent",
+            ],
+            rows,
+        )
 
 
 def run_oversubscribed(strategies: list[str], rounds: int, requests: int) -> dict[str, Any]:
@@ -705,7 +874,16 @@ def main() -> int:
     parser.add_argument(
         "--scenarios",
         nargs="+",
-        default=["cycle", "oversubscribed", "spike", "e2e", "pgbouncer", "soak"],
+        default=[
+            "cycle",
+            "dirty",
+            "classifier",
+            "oversubscribed",
+            "spike",
+            "e2e",
+            "pgbouncer",
+            "soak",
+        ],
     )
     parser.add_argument("--e2e-seconds", type=int, default=10)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
@@ -748,6 +926,10 @@ def main() -> int:
     started = time.monotonic()
     if "cycle" in args.scenarios:
         results["cycle"] = run_cycle(strategies, args.rounds, args.requests)
+    if "dirty" in args.scenarios:
+        results["dirty"] = run_dirty(args.rounds, args.requests)
+    if "classifier" in args.scenarios:
+        results["classifier"] = run_classifier(max(args.rounds // 2, 3))
     if "oversubscribed" in args.scenarios:
         results["oversubscribed"] = run_oversubscribed(strategies, args.rounds, args.requests)
     if "spike" in args.scenarios:
@@ -758,6 +940,7 @@ def main() -> int:
         results["pgbouncer"] = run_pgbouncer(args.rounds, args.requests, args.e2e_seconds)
     if "soak" in args.scenarios:
         results["soak"] = run_soak(args.soak_requests)
+    targets(results)
     results["seconds"] = time.monotonic() - started
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))

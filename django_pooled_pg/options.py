@@ -234,17 +234,23 @@ class PoolOptions:
         allow_none=True,
         psycopg_pool="reset",
     )
-    reset_session: bool = _option(
-        default=True,
-        accepted="True or False",
+    reset_session: bool | str = _option(
+        default="auto",
+        accepted="'auto', True or False",
         doc="Reset the session (DISCARD ALL) when a connection is returned, so no "
-        "SET, SET ROLE, temporary table, advisory lock, LISTEN or prepared "
-        "statement leaks into the next request. False saves the reset's small "
-        "cost but lets one request's session state reach the next one.",
-        summary="`DISCARD ALL` between requests",
-        kind="bool",
+        "SET, SET ROLE, temporary table, advisory lock, LISTEN, held cursor or "
+        "prepared statement leaks into the next request. 'auto': only when the "
+        "request may have changed the session (what it sees and what it cannot: "
+        "docs/configuration.md, 'The session reset'); a request that only read "
+        "and wrote rows costs nothing. "
+        "True: after every request. False: never, and one request's session state "
+        "reaches the next one.",
+        summary="`DISCARD ALL` between requests: `'auto'` only after a request that "
+        "may have changed the session",
+        kind="choice",
         bad_example="yes",
         shown=True,
+        choices=("auto", True, False),
     )
     fail_fast: bool = _option(
         default=True,
@@ -402,7 +408,8 @@ def _coerce(alias: str, opt: Option, value: Any) -> Any:
             return value
         raise _value_error(alias, opt, value)
     if opt.kind == "choice":
-        if value in opt.choices:
+        # By type too: 1 == True, but 1 is not a choice of reset_session.
+        if any(type(value) is type(c) and value == c for c in opt.choices):
             return value
         raise _value_error(alias, opt, value)
     if opt.kind == "conninfo":
@@ -552,7 +559,8 @@ def _transaction_pooling_errors(
         errors.append(
             OptionError(
                 "reset_session",
-                f"{where}['pool']['reset_session'] is True, but {mode}: PgBouncer hands "
+                f"{where}['pool']['reset_session'] is {values['reset_session']!r}, but "
+                f"{mode}: PgBouncer hands "
                 "each transaction to any server connection, so a session reset would "
                 "reset another client's server connection, not this one. Remove "
                 "reset_session (no reset is sent in transaction mode), or run PgBouncer "

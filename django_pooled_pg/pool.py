@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, Schedule
 
-from . import leases, session
+from . import leases, session, watch
 from .errors import PoolExhausted, ServerUnavailable
 from .failures import Outage, ReconnectAttempt, exhausted
 from .observability import records
@@ -89,6 +89,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # Returned by a thread and kept for its next checkout (see release()).
         self._parked: dict[PooledConnection, float] = {}
         self._local = threading.local()
+        #: reset_session="auto": connections are watched (watch.py).
+        self._auto_reset = options.reset_session == "auto"
+        if self._auto_reset:
+            watch.install()
         super().__init__(
             kwargs=self._connection_kwargs,
             connection_class=PooledConnection,
@@ -251,6 +255,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # user's configure runs again, so that what it sets survives resets.
         if self.options.configure is not None:
             self._configure_user(conn)
+        if self._auto_reset:
+            watch.mark_clean(conn)
 
     def _holds_nothing(self) -> bool:
         """No connection idle, parked or in use: none could come back."""
@@ -323,12 +329,17 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._replace(conn, "lifetime")
             return
         try:
-            if session.send_reset(conn, self._reset, self.options.reset_session, self.startup.sql):
-                self.recorder.reset_sent()
+            done = session.send_reset(
+                conn, self._reset, self.options.reset_session, self.startup.sql
+            )
         except Exception as exc:
             logger.info("pool %r: discarding a returned connection: %s", self.name, exc)
             self._replace(conn, "reset_failed")
             return
+        if done is session.SENT:
+            self.recorder.reset_sent()
+        elif done is session.SKIPPED:
+            self.recorder.reset_skipped()
         if park:
             with self._lock:
                 if not self._waiting and not self._closed:
@@ -411,6 +422,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._check_for_pooler(conn)
         if self.options.configure is not None:
             self._configure_user(conn)
+        if self._auto_reset:
+            # What the engine and configure set is the session's starting point.
+            watch.mark_clean(conn)
 
     def _check_for_pooler(self, conn: PooledConnection) -> None:
         """Once per pool: warn when a pooler is there and the pgbouncer option is not."""

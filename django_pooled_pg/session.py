@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import pq
 
+from . import watch
+
 if TYPE_CHECKING:
     from .base import DatabaseWrapper
     from .pool import DjangoPool
@@ -50,6 +52,11 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_stack: traceback.StackSummary | None = None  # where it was checked out
     _dpp_leak_reported: bool = False
     _dpp_closed: bool = False  # closed by the pool (counted once)
+    # reset_session="auto" (watch.py): unchanged since the last mark_clean(),
+    # the reported parameters then, WITH HOLD cursors declared since.
+    _dpp_clean: bool = False
+    _dpp_baseline: tuple[bytes | None, ...] = ()
+    _dpp_held: list[Any] | None = None
 
 
 class SessionBroken(psycopg.OperationalError):
@@ -104,20 +111,27 @@ def socket_alive(conn: PooledConnection) -> bool:
     return not conn._dpp_fatal and pgconn.status == _CONN_OK
 
 
+#: What send_reset() did about the session.
+SENT = "sent"
+SKIPPED = "skipped"  # "auto": the request changed nothing
+
+
 def send_reset(
     conn: PooledConnection,
     user_reset: Callable[[Any], None] | None,
-    reset_session: bool,
+    reset_session: bool | str,
     restore: bytes = b"",
-) -> bool:
-    """Make a returned connection fit for the next request; True if a reset was sent.
+) -> str | None:
+    """Make a returned connection fit for the next request.
 
     Rolls back an open transaction, runs the user's ``reset`` callback,
-    restores the psycopg object's own settings (client-side: no I/O) and,
-    with *reset_session*, sends ``DISCARD ALL`` without waiting for its
-    answer, which arrives while the connection waits in the pool. *restore*
-    (``SET`` statements) rides in the same query. Raises if the connection
-    cannot be made fit.
+    restores the psycopg object's own settings (client-side: no I/O) and
+    sends ``DISCARD ALL`` without waiting for its answer, which arrives while
+    the connection waits in the pool: always with *reset_session* True, with
+    ``"auto"`` only when the request may have changed the session
+    (``watch.session_changed``). *restore* (``SET`` statements) rides in the
+    same query. Returns SENT, SKIPPED ("auto", nothing changed) or None
+    (reset off). Raises if the connection cannot be made fit.
     """
     pgconn = conn.pgconn
     status = pgconn.transaction_status
@@ -139,10 +153,13 @@ def send_reset(
     if pgconn.transaction_status != IDLE:
         raise psycopg.ProgrammingError("reset left the connection in a transaction")
     if not reset_session:
-        return False
+        return None
+    if reset_session == "auto" and not watch.session_changed(conn):
+        return SKIPPED
     pgconn.send_query(reset_query(restore))
     conn._dpp_reset_pending = True
-    return True
+    conn._dpp_clean = False  # until the reset's answer is read (watch.mark_clean)
+    return SENT
 
 
 def reset_query(restore: bytes = b"") -> bytes:
@@ -230,33 +247,6 @@ def behind_a_pooler(conn: psycopg.Connection[Any]) -> bool:
     """
     row = conn.execute("SELECT pg_backend_pid()").fetchone()
     return row is not None and row[0] != conn.info.backend_pid
-
-
-#: Parameters PostgreSQL reports on its own when they change (ParameterStatus),
-#: changes made inside functions included: the second net of
-#: reset_session="auto". (Behind PgBouncer: the client's view.)
-REPORTED_PARAMETERS: tuple[bytes, ...] = (
-    b"TimeZone",
-    b"DateStyle",
-    b"IntervalStyle",
-    b"is_superuser",
-    b"session_authorization",
-    b"default_transaction_read_only",
-    b"in_hot_standby",
-    b"application_name",
-    b"standard_conforming_strings",
-    b"client_encoding",
-)
-
-
-def reported_parameters(pgconn: Any) -> tuple[bytes | None, ...]:
-    """The reported parameters' current values, read from libpq (no round trip).
-
-    Read through the libpq object: about 1 us for all of them, where
-    ``connection.info.parameter_status`` costs several times that.
-    """
-    status = pgconn.parameter_status
-    return tuple(status(name) for name in REPORTED_PARAMETERS)
 
 
 def forget_prepared_statements(conn: psycopg.Connection[Any]) -> None:

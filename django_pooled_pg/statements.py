@@ -466,9 +466,9 @@ def _is_clean(tokens: list[str]) -> bool:
                 return bool(rest) and rest[0] in _READS_WRITES and _is_clean(rest)
         return False
     if first in _TRANSACTION_CONTROL:
-        if first == "copy":
-            return _calls_only_safe_functions(tokens)
-        return True
+        if first == "copy" and len(tokens) > 1 and tokens[1] == "(":
+            return _calls_only_safe_functions(tokens[1:])  # COPY (query) TO ...
+        return True  # COPY table [(columns)] FROM/TO ...: rows only
     return False
 
 

@@ -55,8 +55,8 @@ MIRRORED = "mirrored"  # our code re-implements (part of) what it does
 CALLED = "called"  # our code calls it and relies on what it does
 CLASS = "class"  # our code subclasses or instantiates it
 ATTRIBUTE = "attribute"  # our code reads or writes it (checked for existence only)
-PLANNED = "planned"  # not used yet: the send-side session reset will hook it
-KINDS = (OVERRIDDEN, COPIED, MIRRORED, CALLED, CLASS, ATTRIBUTE, PLANNED)
+WRAPPED = "wrapped"  # our hook replaces it on its class and calls it (watch.install)
+KINDS = (OVERRIDDEN, COPIED, MIRRORED, CALLED, CLASS, ATTRIBUTE, WRAPPED)
 
 _ADVICE = {
     OVERRIDDEN: "compare it with our override, {used_by}, and adapt ours",
@@ -65,7 +65,8 @@ _ADVICE = {
     CALLED: "{used_by} calls it: check that the call still means the same",
     CLASS: "{used_by} subclasses or instantiates it: check how ours uses it",
     ATTRIBUTE: "review {used_by}, where we use it",
-    PLANNED: "the send-side session reset will hook it ({used_by}): check that plan",
+    WRAPPED: "{used_by} wraps it on every cursor class: check that its first argument is "
+    "still the query as written and that every query still passes through one of them",
 }
 
 
@@ -106,6 +107,7 @@ _WAITING = "psycopg_pool.pool.WaitingClient"
 _CONN = "psycopg.Connection"
 _PREPARE = "psycopg._preparing.PrepareManager"
 _CURSOR = "psycopg.Cursor"
+_SERVER_CURSOR = "psycopg.ServerCursor"
 _PG = "django.db.backends.postgresql.base.DatabaseWrapper"
 _DJBASE = "django.db.backends.base.base.BaseDatabaseWrapper"
 _PGCREATION = "django.db.backends.postgresql.creation.DatabaseCreation"
@@ -269,24 +271,21 @@ USES: tuple[Use, ...] = (
     Use(f"{_PREPARE}._should_discard", MIRRORED,
         "what psycopg does when DISCARD ALL goes through its execute(); ours goes around it",
         "session.forget_prepared_statements"),
-    # -- psycopg: cursor send methods the send-side session reset will hook --
-    Use(f"{_CURSOR}._start_query", PLANNED, "runs before every query (BEGIN)",
-        "session reset: planned"),
-    Use(f"{_CURSOR}._execute_send", PLANNED, "sends execute()'s query, simple or extended",
-        "session reset: planned"),
-    Use(f"{_CURSOR}._execute_gen", PLANNED, "execute()'s generator", "session reset: planned"),
-    Use(f"{_CURSOR}._maybe_prepare_gen", PLANNED, "chooses prepared or not, then sends",
-        "session reset: planned"),
-    Use(f"{_CURSOR}._send_prepare", PLANNED, "sends a PREPARE (Parse)",
-        "session reset: planned"),
-    Use(f"{_CURSOR}._send_query_prepared", PLANNED, "executes a prepared statement",
-        "session reset: planned"),
-    Use(f"{_CURSOR}._executemany_gen_pipeline", PLANNED, "executemany() in pipeline mode",
-        "session reset: planned"),
-    Use(f"{_CURSOR}._executemany_gen_no_pipeline", PLANNED, "executemany() without pipeline",
-        "session reset: planned"),
-    Use(f"{_CURSOR}._stream_send_gen", PLANNED, "stream()'s send", "session reset: planned"),
-    Use(f"{_CURSOR}._start_copy_gen", PLANNED, "copy()'s send", "session reset: planned"),
+    # -- psycopg: cursor methods every query passes through (reset_session="auto") --
+    Use(f"{_CURSOR}._execute_gen", WRAPPED, "execute() and Connection.execute()",
+        "watch.install"),
+    Use(f"{_CURSOR}._executemany_gen_pipeline", WRAPPED, "executemany() in pipeline mode",
+        "watch.install"),
+    Use(f"{_CURSOR}._executemany_gen_no_pipeline", WRAPPED, "executemany() without pipeline",
+        "watch.install"),
+    Use(f"{_CURSOR}._stream_send_gen", WRAPPED, "stream()'s send", "watch.install"),
+    Use(f"{_CURSOR}._start_copy_gen", WRAPPED, "copy()'s send", "watch.install"),
+    Use(f"{_SERVER_CURSOR}._declare_gen", WRAPPED,
+        "a named cursor's DECLARE (Django's chunked reads)", "watch.install"),
+    Use(f"{_CURSOR}._conn", ATTRIBUTE, "the cursor's connection, marked as changed",
+        "watch._query_hook"),
+    Use(f"{_SERVER_CURSOR}._withhold", ATTRIBUTE, "a WITH HOLD cursor outlives its transaction",
+        "watch._declare_hook"),
     # -- Django: the wrapper -------------------------------------------------
     Use(f"{_DJBASE}.connect", COPIED,
         "run at every checkout: ours skips connection parameters and a no-op set_autocommit",
@@ -461,43 +460,8 @@ FINGERPRINTS: dict[str, dict[str, tuple[str, ...]]] = {
         "f3197e42adbf": ("3.3.5",),
         "a0d04df34011": ("3.3.6", "3.3.7", "3.3.8", "3.3.9"),
     },
-    "psycopg.Cursor._start_query": {
-        "301e9eed0a73": (
-            "3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6", "3.2.7", "3.2.8",
-            "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13", "3.3.0", "3.3.1", "3.3.2", "3.3.3",
-            "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8", "3.3.9",
-        ),
-    },
-    "psycopg.Cursor._execute_send": {
-        "71924681845c": (
-            "3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6", "3.2.7", "3.2.8",
-            "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13", "3.3.0", "3.3.1", "3.3.2", "3.3.3",
-            "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8", "3.3.9",
-        ),
-    },
     "psycopg.Cursor._execute_gen": {
         "9f790d005b32": (
-            "3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6", "3.2.7", "3.2.8",
-            "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13", "3.3.0", "3.3.1", "3.3.2", "3.3.3",
-            "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8", "3.3.9",
-        ),
-    },
-    "psycopg.Cursor._maybe_prepare_gen": {
-        "deb7224ccb07": (
-            "3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6", "3.2.7", "3.2.8",
-            "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13", "3.3.0", "3.3.1", "3.3.2",
-        ),
-        "27834969d32c": ("3.3.3", "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8", "3.3.9"),
-    },
-    "psycopg.Cursor._send_prepare": {
-        "50d234cddaf5": (
-            "3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6", "3.2.7", "3.2.8",
-            "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13", "3.3.0", "3.3.1", "3.3.2", "3.3.3",
-            "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8", "3.3.9",
-        ),
-    },
-    "psycopg.Cursor._send_query_prepared": {
-        "696aa2924239": (
             "3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6", "3.2.7", "3.2.8",
             "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13", "3.3.0", "3.3.1", "3.3.2", "3.3.3",
             "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8", "3.3.9",
@@ -528,6 +492,14 @@ FINGERPRINTS: dict[str, dict[str, tuple[str, ...]]] = {
         "5ed2b3dca236": ("3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6"),
         "d20e7e83ad4f": ("3.2.7", "3.2.8", "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13"),
         "b16dbdb15b4c": (
+            "3.3.0", "3.3.1", "3.3.2", "3.3.3", "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8",
+            "3.3.9",
+        ),
+    },
+    "psycopg.ServerCursor._declare_gen": {
+        "e3315ef87fd6": ("3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6"),
+        "f56e9d547960": ("3.2.7", "3.2.8", "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13"),
+        "a5fce37a0f8b": (
             "3.3.0", "3.3.1", "3.3.2", "3.3.3", "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8",
             "3.3.9",
         ),

@@ -68,6 +68,19 @@ def admin(transactional_db: None) -> Iterator[psycopg.Connection[Any]]:
     conn.close()
 
 
+#: A role the session tests switch to (SET ROLE, SESSION AUTHORIZATION).
+ROLE = "pooled_reset_role"
+
+
+@pytest.fixture
+def role(admin: psycopg.Connection[Any]) -> Iterator[str]:
+    admin.execute(f"DROP ROLE IF EXISTS {ROLE}")
+    admin.execute(f"CREATE ROLE {ROLE}")
+    yield ROLE
+    # The role may still own a backend's session authorization briefly.
+    admin.execute(f"DROP ROLE IF EXISTS {ROLE}")
+
+
 @pytest.fixture
 def private_server(django_db_blocker: Any) -> Iterator[throwaway.ThrowawayServer]:
     """A throwaway cluster of this test's own, to stop and restart at will.

@@ -111,12 +111,15 @@ def test_the_session_reset_still_works_in_session_mode(
     wrapper = make_wrapper(
         pool={"min_size": 1, "max_size": 1, **option}, **behind(pgbouncers, "session")
     )
-    assert wrapper.pool.options.reset_session is True
+    assert wrapper.pool.options.reset_session == "auto"
     request(wrapper, "SELECT 1")
     request(wrapper, "CREATE TEMP TABLE leak (x int)", "SET search_path TO pg_catalog", "SELECT 1")
     assert request(wrapper, "SHOW search_path") == '"$user", public'
     assert request(wrapper, "SELECT count(*) FROM pg_tables WHERE tablename = 'leak'") == 0
     assert request(wrapper, "SHOW TimeZone") == "UTC"
+    # Reset after the one request that changed the session, skipped after the others.
+    counters = django_pooled_pg.stats(wrapper.alias).counters
+    assert (counters.resets, counters.resets_skipped) == (1, 4)
 
 
 def test_user_options_a_pooler_refuses_fail_with_the_fix(
@@ -169,6 +172,7 @@ def test_transaction_mode_sends_no_session_reset(make_wrapper: Make, pgbouncers:
     ("pool", "options", "option", "says"),
     [
         ({"reset_session": True}, {}, "reset_session", "run PgBouncer in session mode"),
+        ({"reset_session": "auto"}, {}, "reset_session", "run PgBouncer in session mode"),
         ({}, {"assume_role": "app"}, "assume_role", "ALTER ROLE <login> SET role = 'app'"),
         ({}, {"options": "-c search_path=app"}, "options", "ALTER ROLE <login> SET search_path"),
         ({}, {"prepare_threshold": 5}, "prepare_threshold", "pgbouncer_prepared_statements"),

@@ -50,7 +50,7 @@ def test_table_shows_configuration_live_state_counters_times_and_server(
     text = poolstats("--database", "default")
     lines = text.splitlines()
     config = next(line for line in lines if line.startswith("default "))
-    assert "max_size 4" in config and "reset_session on" in config
+    assert "max_size 4" in config and "reset_session auto" in config
     row = next(line for line in lines if f"{HOSTNAME}:{os.getpid()} (this)" in line)
     cells = row.split("(this)")[1].split()
     assert cells[2] == "2"  # in use

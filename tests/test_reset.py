@@ -6,7 +6,6 @@ it, and checks it out again (the same backend, by ``pg_backend_pid()``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -16,9 +15,7 @@ from django.test import override_settings
 from psycopg import pq
 
 from django_pooled_pg.base import DatabaseWrapper
-from tests.conftest import Make
-
-ROLE = "pooled_reset_role"
+from tests.conftest import ROLE, Make
 
 
 def fetch(wrapper: DatabaseWrapper, sql: str, params: Any = None) -> Any:
@@ -29,15 +26,6 @@ def fetch(wrapper: DatabaseWrapper, sql: str, params: Any = None) -> Any:
 
 def pid(wrapper: DatabaseWrapper) -> int:
     return int(fetch(wrapper, "SELECT pg_backend_pid()"))
-
-
-@pytest.fixture
-def role(admin: psycopg.Connection[Any]) -> Iterator[str]:
-    admin.execute(f"DROP ROLE IF EXISTS {ROLE}")
-    admin.execute(f"CREATE ROLE {ROLE}")
-    yield ROLE
-    # The role may still own a backend's session authorization briefly.
-    admin.execute(f"DROP ROLE IF EXISTS {ROLE}")
 
 
 # (what a request does, how to look at it); the look must match a fresh session's.
@@ -151,11 +139,15 @@ def test_connection_object_settings_are_restored(
         assert getattr(raw, attribute) == fresh
 
 
-def test_reset_is_sent_at_return_and_collected_at_checkout(make_wrapper: Make) -> None:
+@pytest.mark.parametrize("mode", [True, "auto"])
+def test_reset_is_sent_at_return_and_collected_at_checkout(make_wrapper: Make, mode: Any) -> None:
     """The reset costs the request no round trip: the return does not wait for it."""
-    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1})
+    wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "reset_session": mode})
     pid(wrapper)
     raw = wrapper.connection
+    if mode == "auto":
+        with wrapper.cursor() as cursor:
+            cursor.execute("SET search_path = nowhere")  # a reset is needed
     wrapper.close()
     # In flight (or answered but not yet read) while the connection is idle in the pool.
     assert raw._dpp_reset_pending

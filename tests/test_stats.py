@@ -30,18 +30,22 @@ def backend_pid(wrapper: DatabaseWrapper) -> int:
     return int(query(wrapper, "SELECT pg_backend_pid()"))
 
 
+SET_PATH = "SELECT set_config('search_path', 'public', false)"
+
+
 def test_checkouts_resets_and_hold_times_are_counted(make_wrapper: Make) -> None:
     wrapper = make_wrapper(pool={"min_size": 1, "max_size": 2})
     t0 = time.monotonic()
-    for _ in range(10):
-        query(wrapper)
+    for i in range(10):
+        query(wrapper, SET_PATH if i % 5 == 0 else "SELECT 1")
         time.sleep(0.01)  # held at least 10 ms (Django closes at the end)
         wrapper.close()
     elapsed = time.monotonic() - t0
     s = django_pooled_pg.stats(wrapper.alias)
     assert s.alias == wrapper.alias
     assert s.counters.checkouts == 10
-    assert s.counters.resets == 10
+    # reset_session="auto": a reset after each of the two set_config() calls only.
+    assert (s.counters.resets, s.counters.resets_skipped) == (2, 8)
     assert s.counters.timeouts == s.counters.rejected == s.counters.errors == 0
     assert s.counters.opened >= 1 and s.counters.connect_errors == 0
     assert s.hold.count == 10 and s.wait.count == 10

@@ -48,7 +48,9 @@ BAD = [
     ({"max_lifetime": math.nan}, ["['max_lifetime'] is nan"]),
     ({"num_workers": 0}, ["['num_workers'] is 0", "an integer >= 1"]),
     ({"max_waiting": 1.5}, ["['max_waiting'] is 1.5", "an integer >= 0"]),
-    ({"reset_session": "yes"}, ["['reset_session'] is 'yes'", "True or False"]),
+    ({"reset_session": "yes"}, ["['reset_session'] is 'yes'", "'auto', True or False"]),
+    ({"reset_session": 1}, ["['reset_session'] is 1", "'auto', True or False"]),
+    ({"reset_session": "AUTO"}, ["['reset_session'] is 'AUTO'", "'auto', True or False"]),
     ({"name": ""}, ["['name'] is ''", "a string"]),
     (
         {"check": "tests.nowhere.check"},

@@ -28,7 +28,8 @@ STRATEGIES: dict[str, Strategy] = {
     "connect per request": Strategy(PG, 0),
     "persistent": Strategy(PG, None),
     "django pool": Strategy(PG, 0, {}),
-    "ours (defaults)": Strategy(OURS, 0, {}),
+    "ours (defaults)": Strategy(OURS, 0, {}),  # reset_session="auto"
+    "ours reset_session=True": Strategy(OURS, 0, {"reset_session": True}),
     "ours reset_session=False": Strategy(OURS, 0, {"reset_session": False}),
     "ours stats=False": Strategy(OURS, 0, {"stats": False}),
     "django-db-connection-pool": Strategy(DBCP, 0, {}),

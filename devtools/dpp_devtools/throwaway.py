@@ -190,6 +190,8 @@ class ThrowawayServer:
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     host: str = "127.0.0.1"
     user: str = SUPERUSER
+    #: More server settings (``-c name=value``), e.g. shared_preload_libraries.
+    settings: dict[str, str] = field(default_factory=dict)
     _tmp: Path | None = None
     _executor: LoginExecutor | None = None
     _owner_pid: int = field(default_factory=os.getpid)
@@ -286,6 +288,8 @@ class ThrowawayServer:
             "-c",
             "logging_collector=off",
         ]
+        for name, value in self.settings.items():
+            argv += ["-c", f"{name}={value}"]
         self._executor = LoginExecutor(
             self._as_server_user(argv),
             self.conninfo("postgres"),
@@ -349,10 +353,11 @@ def conninfo(server: Any, dbname: str) -> dict[str, str]:
     }
 
 
-def start_private(dbname: str) -> ThrowawayServer:
+def start_private(dbname: str, **settings: str) -> ThrowawayServer:
     """A cluster of the caller's own, with a database *dbname*, to stop,
-    restart or break at will; nothing is exported. Call destroy() after."""
-    server = ThrowawayServer(bindir=find_bindir())
+    restart or break at will; nothing is exported. Call destroy() after.
+    *settings* are server settings (``shared_preload_libraries=...``)."""
+    server = ThrowawayServer(bindir=find_bindir(), settings=settings)
     server.init()
     try:
         server.start()

@@ -66,6 +66,11 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("connections_lost", "lost", "Connections found closed when returned."),
     ("connections_reclaimed", "reclaimed", "Connections reclaimed from ended threads."),
     ("session_resets", "resets", "Session resets (DISCARD ALL) sent."),
+    (
+        "session_resets_skipped",
+        "resets_skipped",
+        "Returned connections that needed no reset (reset_session='auto').",
+    ),
     ("leaks", "leaks", "Checkouts held longer than leak_timeout."),
 )
 

@@ -124,7 +124,7 @@ class PoolConfig:
     max_waiting: int
     max_lifetime: float
     max_idle: float
-    reset_session: bool
+    reset_session: bool | str
     fail_fast: bool
     leak_timeout: float | None
     pgbouncer: str | None = None  # (absent from processes of older versions)
@@ -168,6 +168,7 @@ class Counters:
     lost: int = 0  # came back from a request already closed (ended while in use)
     reclaimed: int = 0  # given back for a thread that ended without closing
     resets: int = 0  # session resets sent (DISCARD ALL)
+    resets_skipped: int = 0  # reset_session="auto": the request changed nothing
     leaks: int = 0  # checkouts held longer than leak_timeout
 
 
@@ -238,6 +239,9 @@ class Recorder:
     def reset_sent(self) -> None:
         """A session reset was sent on a returned connection."""
 
+    def reset_skipped(self) -> None:
+        """A returned connection needed no reset ("auto": its session was unchanged)."""
+
     def opened(self, seconds: float) -> None:
         """A connection was opened, taking *seconds*."""
 
@@ -292,6 +296,9 @@ class AliasRecord(Recorder):
 
     def reset_sent(self) -> None:
         self.counters.resets += 1
+
+    def reset_skipped(self) -> None:
+        self.counters.resets_skipped += 1
 
     def opened(self, seconds: float) -> None:
         self.counters.opened += 1

@@ -232,7 +232,9 @@ def fmt_seconds(s: float) -> str:
     return f"{s:.2f} s"
 
 
-def _onoff(value: bool) -> str:
+def _onoff(value: bool | str) -> str:
+    if isinstance(value, str):
+        return value  # reset_session="auto"
     return "on" if value else "off"
 
 
@@ -336,6 +338,8 @@ def render_table(report: Report, previous: Report | None = None, color: Any = No
             lines.extend(_grid(rows, [al for _, al in _COLUMNS]))
             closed = ", ".join(f"{k} {v}" for k, v in tot.closed_by_reason.items())
             lines.append(f"  closed by reason: {closed}")
+            c = tot.counters
+            lines.append(f"  session resets: sent {c.resets}, skipped {c.resets_skipped}")
             dist_rows = [["time", "count", "mean", "p50", "p95", "p99", "max"]]
             for name, d in (
                 ("checkout wait", tot.wait),
