@@ -18,6 +18,8 @@ Scenarios:
                   with max_size = threads, and 1 thread with max_size=2
   dirty           the request cycle with a SET in every request (1 and 4 threads):
                   reset_session="auto" resets as True does
+  interleaved     checkout, SELECT 1 and return per strategy in one process,
+                  alternating batches (clean and dirty): the finest comparison
   classifier      what "auto" costs: classifying a statement (first time, cached),
                   the hook per execute(), the reported parameters read at return
   oversubscribed  32 threads on max_size=4: throughput, checkout wait p50/p99, timeouts
@@ -351,7 +353,69 @@ def worker_classifier(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: The strategies the "interleaved" scenario runs side by side in one process.
+INTERLEAVED = (
+    "persistent",
+    "django pool",
+    "ours (defaults)",
+    "ours reset_session=False",
+    "ours reset_session=True",
+)
+
+
+def worker_interleaved(args: dict[str, Any]) -> dict[str, Any]:
+    """Checkout, SELECT 1 and return on one alias per strategy, in one process,
+    alternating batches: the finest interleaving there is, so drift on a
+    noisy machine falls on every strategy alike. Each alias is used on its
+    own (no request signals, which would visit every alias)."""
+    import timeit
+
+    from django.conf import settings
+
+    server = throwaway.database_settings()
+    aliases = {f"s{i}": name for i, name in enumerate(INTERLEAVED)}
+    dbs = {a: database(n, server, min_size=1, max_size=1) for a, n in aliases.items()}
+    settings.configure(
+        DATABASES={"default": dbs["s0"], **dbs}, USE_TZ=True, TIME_ZONE="UTC", INSTALLED_APPS=[]
+    )
+    import django
+
+    django.setup()
+    from django.db import connections
+
+    change = bool(args.get("change"))
+
+    def cycle(alias: str) -> Any:
+        c = connections[alias]
+        persistent = aliases[alias] == "persistent"
+
+        def run() -> None:
+            c.ensure_connection()
+            with c.cursor() as cursor:
+                if change:
+                    cursor.execute("SET work_mem = '8MB'")
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+            if not persistent:
+                c.close()
+
+        return run
+
+    runs = {a: cycle(a) for a in aliases}
+    for run in runs.values():
+        for _ in range(300):
+            run()  # warm
+    batch = args.get("batch", 200)
+    times: dict[str, list[float]] = {a: [] for a in aliases}
+    order = list(aliases)
+    for r in range(args.get("rounds", 40)):
+        for a in order[r % len(order) :] + order[: r % len(order)]:
+            times[a].append(timeit.timeit(runs[a], number=batch) / batch)
+    return {aliases[a]: statistics.median(t) * 1e6 for a, t in times.items()}
+
+
 WORKERS = {
+    "interleaved": worker_interleaved,
     "classifier": worker_classifier,
     "cycle": worker_cycle,
     "oversubscribed": worker_oversubscribed,
@@ -482,6 +546,33 @@ def run_dirty(rounds: int, requests: int) -> dict[str, Any]:
             f"dirty requests (SET work_mem, then SELECT 1), {key} (medians of {rounds}; "
             "persistent and reset_session=False keep the SET)",
             ["strategy", "req/s", "x persistent", "x reset_session=True", "client CPU us/req"],
+            rows,
+        )
+    return out
+
+
+def run_interleaved(rounds: int) -> dict[str, Any]:
+    """Fine-grained interleaving in one process, clean and dirty requests."""
+    out: dict[str, Any] = {}
+    for change in (False, True):
+        key = "dirty (SET, then SELECT 1)" if change else "clean (SELECT 1)"
+        runs = [measure("interleaved", change=change) for _ in range(rounds)]
+        us = {n: statistics.median(r[n] for r in runs) for n in INTERLEAVED}
+        out[key] = us
+        rows = [
+            [
+                n,
+                f"{us[n]:.1f}",
+                f"{us['persistent'] / us[n]:.3f}",
+                f"{us['ours reset_session=False'] / us[n]:.3f}",
+                f"{us['django pool'] / us[n]:.3f}",
+            ]
+            for n in INTERLEAVED
+        ]
+        table(
+            f"interleaved in one process, 1 thread, max_size=1, {key}: us per checkout + "
+            f"query + return (medians of 40 alternating batches, medians of {rounds} processes)",
+            ["strategy", "us/cycle", "speed x persistent", "x reset off", "x django pool"],
             rows,
         )
     return out
@@ -877,6 +968,7 @@ def main() -> int:
         default=[
             "cycle",
             "dirty",
+            "interleaved",
             "classifier",
             "oversubscribed",
             "spike",
@@ -924,25 +1016,25 @@ def main() -> int:
         "rounds": args.rounds,
     }
     started = time.monotonic()
-    if "cycle" in args.scenarios:
-        results["cycle"] = run_cycle(strategies, args.rounds, args.requests)
-    if "dirty" in args.scenarios:
-        results["dirty"] = run_dirty(args.rounds, args.requests)
-    if "classifier" in args.scenarios:
-        results["classifier"] = run_classifier(max(args.rounds // 2, 3))
-    if "oversubscribed" in args.scenarios:
-        results["oversubscribed"] = run_oversubscribed(strategies, args.rounds, args.requests)
-    if "spike" in args.scenarios:
-        results["spike"] = run_spike(strategies, max(args.rounds // 2, 3))
-    if "e2e" in args.scenarios:
-        results["e2e"] = run_e2e(max(args.rounds, 3), args.e2e_seconds)
-    if "pgbouncer" in args.scenarios:
-        results["pgbouncer"] = run_pgbouncer(args.rounds, args.requests, args.e2e_seconds)
-    if "soak" in args.scenarios:
-        results["soak"] = run_soak(args.soak_requests)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    scenarios: list[tuple[str, Any]] = [
+        ("cycle", lambda: run_cycle(strategies, args.rounds, args.requests)),
+        ("dirty", lambda: run_dirty(args.rounds, args.requests)),
+        ("interleaved", lambda: run_interleaved(max(args.rounds // 2, 3))),
+        ("classifier", lambda: run_classifier(max(args.rounds // 2, 3))),
+        ("oversubscribed", lambda: run_oversubscribed(strategies, args.rounds, args.requests)),
+        ("spike", lambda: run_spike(strategies, max(args.rounds // 2, 3))),
+        ("e2e", lambda: run_e2e(max(args.rounds, 3), args.e2e_seconds)),
+        ("pgbouncer", lambda: run_pgbouncer(args.rounds, args.requests, args.e2e_seconds)),
+        ("soak", lambda: run_soak(args.soak_requests)),
+    ]
+    for name, run in scenarios:
+        if name in args.scenarios:
+            results[name] = run()
+            # Written after each scenario: a later one that fails loses nothing.
+            args.json.write_text(json.dumps(results, indent=1))
     targets(results)
     results["seconds"] = time.monotonic() - started
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
     print(f"\nresults: {args.json} ({results['seconds']:.0f} s)")
     chart(results, args.chart)

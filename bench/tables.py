@@ -62,6 +62,63 @@ def main() -> int:
         print(cycle_table(r["cycle"]))
         print(f"\nClient CPU per request, {next(iter(r['cycle']))}:\n")
         print(cpu_table(r["cycle"]))
+    if "dirty" in r:
+        for case, by in r["dirty"].items():
+            print(f"\nDirty requests (`SET work_mem`, then `SELECT 1`), {case}:\n")
+            print(
+                md(
+                    ["strategy", "req/s", "x persistent", "x reset_session=True"],
+                    [
+                        [
+                            s,
+                            f"{v['median_rps']:,.0f}",
+                            f"{v['ratio_to_persistent']:.2f}",
+                            f"{v['ratio_to_reset_true']:.3f}",
+                        ]
+                        for s, v in by.items()
+                    ],
+                )
+            )
+    if "interleaved" in r:
+        for case, us in r["interleaved"].items():
+            off, dj = us["ours reset_session=False"], us["django pool"]
+            print(
+                f"\nInterleaved in one process (1 thread, max_size=1), {case}: "
+                "checkout, query and return:\n"
+            )
+            print(
+                md(
+                    ["strategy", "µs per cycle", "x reset off", "x Django's pool"],
+                    [[s, f"{v:.1f}", f"{off / v:.3f}", f"{dj / v:.3f}"] for s, v in us.items()],
+                )
+            )
+    if "classifier" in r:
+        c = r["classifier"]
+        print('\nWhat `reset_session="auto"` costs (in-process):\n')
+        print(
+            md(
+                ["what", "cost"],
+                [
+                    [
+                        "classify an ORM statement the first time",
+                        f"{c['classify_first_us']:.1f} µs",
+                    ],
+                    [
+                        "classify it again (cached per SQL text)",
+                        f"{c['classify_cached_ns']:.0f} ns",
+                    ],
+                    [
+                        "per statement sent: the hook and the cached verdict",
+                        f"{c['hook_per_statement_ns']:.0f} ns",
+                    ],
+                    ["reported parameters read at return", f"{c['parameter_net_us']:.2f} µs"],
+                    [
+                        "the same through `connection.info`",
+                        f"{c['parameter_net_via_info_us']:.2f} µs",
+                    ],
+                ],
+            )
+        )
     if "oversubscribed" in r:
         o = r["oversubscribed"]
         print("\nOversubscribed, 32 threads on max_size=4:\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def test_table_shows_configuration_live_state_counters_times_and_server(
     assert cells[2] == "2"  # in use
     assert any(line.strip().startswith("total, 1 process") for line in lines)
     assert "closed by reason: lifetime 0" in text
+    assert re.search(r"session resets: sent \d+, skipped \d+", text), text
     assert "checkout wait" in text and "held" in text and "connect" in text
     # The server's view: this process's two sessions of the alias, active or idle.
     server = text[text.index("server (") :]

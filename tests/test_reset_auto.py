@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 
 import django_pooled_pg
 from django_pooled_pg import watch
@@ -354,6 +354,28 @@ def test_what_auto_cannot_see_leaks_and_reset_session_true_stops_it(
         wrapper.close()
 
 
+def test_sequence_state_from_a_column_default_survives_a_skipped_reset(
+    make_wrapper: Make, transactional_db: None
+) -> None:
+    """Documented: an INSERT whose serial column draws a value looks clean, and
+    lastval() in the next request on that session answers with it; True forgets it."""
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS auto_serial (id bigserial, x int)")
+    connection.close()
+    for mode in ("auto", True):
+        wrapper = make_wrapper(pool={"min_size": 0, "max_size": 1, "reset_session": mode})
+        pid(wrapper)
+        wrapper.close()
+        django_cursor(wrapper, "INSERT INTO auto_serial (x) VALUES (1)")
+        wrapper.close()
+        if mode == "auto":
+            assert fetch(wrapper, "SELECT lastval()") >= 1
+        else:
+            with pytest.raises(OperationalError, match="lastval is not yet defined"):
+                fetch(wrapper, "SELECT lastval()")
+        wrapper.close()
+
+
 # -- the engine's own settings are the starting point --------------------------
 
 
@@ -520,14 +542,26 @@ def test_every_psycopg_cursor_class_runs_through_the_hooks(cls: type[Any]) -> No
             assert getattr(method, "__wrapped__", None) is not None, (cls, name)
 
 
-def test_connections_outside_auto_pools_are_not_marked(transactional_db: None) -> None:
+def test_other_psycopg_connections_work_through_the_hooks_unmarked(
+    transactional_db: None,
+) -> None:
+    """The hooks are process-wide: a connection of no pool goes through them untouched."""
     watch.install()
     s = connection.settings_dict
     with psycopg.connect(
         host=s["HOST"], port=s["PORT"], user=s["USER"], password=s["PASSWORD"], dbname=s["NAME"]
     ) as conn:
         conn.execute("SET work_mem = '6MB'")
-        assert not hasattr(conn, "_dpp_clean")
+        assert conn.execute("SHOW work_mem").fetchone() == ("6MB",)
+        with conn.cursor() as cursor:
+            cursor.executemany("SELECT %s::int", [(1,), (2,)])
+            assert [r[0] for r in cursor.stream("SELECT generate_series(1, 3)")] == [1, 2, 3]
+            with cursor.copy("COPY (SELECT 7) TO STDOUT") as copy:
+                assert b"".join(bytes(b) for b in copy) == b"7\n"
+        with conn.transaction(), conn.cursor(name="plain") as named:
+            named.execute("SELECT generate_series(1, 2)")
+            assert named.fetchall() == [(1,), (2,)]
+        assert "_dpp_clean" not in vars(conn)
 
 
 def test_reset_session_takes_auto_by_default_and_true_or_false() -> None:
