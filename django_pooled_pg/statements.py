@@ -9,8 +9,10 @@ as such; anything it does not know marks the session for a reset.
 Clean:
 
 * ``SELECT``, ``INSERT``, ``UPDATE``, ``DELETE``, ``MERGE``, ``WITH``,
-  ``VALUES``, ``TABLE`` and ``EXPLAIN`` of those, without ``INTO TEMP``,
-  calling only functions known to leave the session alone (``SAFE_FUNCTIONS``);
+  ``VALUES``, ``TABLE`` and ``EXPLAIN`` of those, without ``SELECT ...
+  INTO``, calling only functions known to leave the session alone
+  (``SAFE_FUNCTIONS``), built-in operators (``SAFE_OPERATORS``) and casts
+  to built-in types (``SAFE_TYPES``);
 * what Django sends inside requests and whose effect ends with the statement
   or the transaction: ``BEGIN``/``START TRANSACTION``, ``COMMIT``/``END``,
   ``ROLLBACK``/``ABORT`` (and ``ROLLBACK TO``), ``SAVEPOINT``, ``RELEASE``,
@@ -20,8 +22,12 @@ Clean:
 
 Everything else is dirty: ``SET``/``RESET``, ``SET SESSION ...``, ``SET
 ROLE``, temporary objects, ``LISTEN``, ``PREPARE``, ``DECLARE ... WITH
-HOLD``, ``DO``, ``CALL``, ``LOAD``, DDL, and calls of any function not in
-``SAFE_FUNCTIONS`` (``set_config``, ``pg_advisory_lock``, user functions).
+HOLD``, ``DO``, ``CALL``, ``LOAD``, DDL, calls of any function not in
+``SAFE_FUNCTIONS`` (``set_config``, ``pg_advisory_lock``, user functions),
+other operators and casts, and string literals with a backslash (read
+otherwise with ``standard_conforming_strings`` off). Names follow
+PostgreSQL's lexer: any non-ASCII character is a letter, ``\\r`` ends a
+``--`` comment.
 
 Verdicts are cached per SQL text (the ORM repeats its statements).
 """
@@ -30,6 +36,9 @@ from __future__ import annotations
 
 import functools
 import re
+
+#: A letter of a name: PostgreSQL takes any non-ASCII character as one.
+_LETTER = r"[A-Za-z_\u0080-\U0010ffff]"
 
 #: Functions that leave the session as they found it (built-ins the ORM and
 #: hand-written queries use). Transaction-scoped advisory locks end with the
@@ -220,7 +229,8 @@ SAFE_FUNCTIONS: frozenset[str] = frozenset(
     ]
 )
 
-#: Words that may stand before "(" without being a function call.
+#: Keywords that stand before "(" without being a function call: reserved
+#: words, which no function may be named without quotes.
 _NOT_CALLS = frozenset(
     [
         "all",
@@ -228,86 +238,98 @@ _NOT_CALLS = frozenset(
         "any",
         "array",
         "as",
+        "asymmetric",
         "between",
-        "by",
-        "cast",
-        "cube",
+        "both",
+        "case",
+        "check",
+        "collate",
+        "column",
+        "constraint",
+        "create",
+        "default",
         "distinct",
+        "do",
         "else",
         "end",
+        "except",
         "exists",
-        "filter",
+        "fetch",
+        "for",
+        "foreign",
         "from",
+        "grant",
+        "group",
         "grouping",
         "having",
+        "ilike",
         "in",
+        "intersect",
         "into",
         "is",
         "join",
+        "lateral",
+        "leading",
+        "like",
+        "limit",
         "not",
+        "offset",
         "on",
+        "only",
         "or",
-        "over",
-        "partition",
+        "order",
+        "overlaps",
+        "primary",
+        "references",
         "returning",
-        "rollup",
         "row",
         "select",
-        "set",
-        "sets",
+        "similar",
+        "some",
+        "symmetric",
+        "table",
+        "tablesample",
         "then",
+        "to",
+        "trailing",
         "union",
-        "intersect",
-        "except",
+        "unique",
         "using",
         "values",
         "when",
         "where",
+        "window",
         "with",
-        "within",
-        "lateral",
-        "limit",
-        "offset",
-        "order",
-        "group",
-        "case",
-        "fetch",
-        "for",
-        "nulls",
-        "like",
-        "ilike",
-        "similar",
-        "primary",
-        "key",
-        "references",
-        "check",
-        "unique",
-        "default",
-        "table",
-        "only",
-        "recursive",
-        "materialized",
-        "conflict",
-        "do",
-        "nothing",
-        "insert",
-        "update",
         "varchar",
         "char",
         "character",
-        "varying",
         "numeric",
         "decimal",
         "timestamp",
         "time",
         "interval",
         "bit",
-        "varbit",
         "float",
-        "double",
         "precision",
     ]
 )
+#: Unreserved keywords before "(" that are not a call after these words.
+_NOT_CALLS_AFTER: dict[str, frozenset[str]] = {
+    "by": frozenset(["order", "group", "partition"]),
+    "filter": frozenset([")"]),
+    "over": frozenset([")"]),
+    "within": frozenset([")"]),
+    "key": frozenset(["primary", "foreign"]),
+    "conflict": frozenset(["on"]),
+    "insert": frozenset(["then"]),
+    "sets": frozenset(["grouping"]),
+    "cube": frozenset(["by", ","]),
+    "rollup": frozenset(["by", ","]),
+    "materialized": frozenset(["as", "not"]),
+    "varying": frozenset(["character", "bit"]),
+}
+_OP = "\x00"  # marks an operator token
+_is_word = re.compile(_LETTER).match
 _BLOCK_COMMENT_EDGE = re.compile(r"/\*|\*/")
 
 _TRANSACTION_CONTROL = frozenset(
@@ -333,20 +355,173 @@ _READS_WRITES = frozenset(
 )
 
 _TOKEN = re.compile(
-    r"""
+    rf"""
     (?P<space>\s+)
-    | (?P<line_comment>--[^\n]*)
+    | (?P<line_comment>--[^\n\r]*)
     | (?P<block_comment>/\*)
-    | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*)?\$)
+    | (?P<dollar>\$(?P<tag>{_LETTER}(?:{_LETTER}|[0-9])*)?\$)
     | (?P<string>[EeBbXxUu]?&?'(?:[^']|'')*')
     | (?P<quoted>"(?:[^"]|"")*")
-    | (?P<word>[A-Za-z_][A-Za-z_0-9$]*)
+    | (?P<word>{_LETTER}(?:{_LETTER}|[0-9$])*)
     | (?P<param>\$\d+|%\([^)]*\)s|%s)
     | (?P<semicolon>;)
     | (?P<paren>\()
+    | (?P<cast>::)
+    | (?P<op>(?:(?!--|/\*|%s|%\()[-+*/<>=~!@\#%^&|`?])+)
     | (?P<other>.)
     """,
     re.VERBOSE | re.DOTALL,
+)
+
+#: Operators of PostgreSQL itself (comparison, arithmetic, string, JSON,
+#: arrays, ranges, text search, geometry); any other may be a user's,
+#: backed by a function we cannot see into.
+SAFE_OPERATORS: frozenset[str] = frozenset(
+    [
+        "=",
+        "<>",
+        "!=",
+        "<",
+        ">",
+        "<=",
+        ">=",
+        "+",
+        "-",
+        "*",
+        "/",
+        "%",
+        "%%",
+        "^",
+        "||",
+        "|/",
+        "||/",
+        "@",
+        "&",
+        "|",
+        "#",
+        "~",
+        "<<",
+        ">>",
+        "!",
+        "!!",
+        "->",
+        "->>",
+        "#>",
+        "#>>",
+        "#-",
+        "@>",
+        "<@",
+        "?",
+        "?|",
+        "?&",
+        "@?",
+        "@@",
+        "@@@",
+        "&&",
+        "~~",
+        "~~*",
+        "!~~",
+        "!~~*",
+        "~*",
+        "!~",
+        "!~*",
+        "-|-",
+        "&<",
+        "&>",
+        "<<|",
+        "|>>",
+        "&<|",
+        "|&>",
+        "<->",
+        "<->",
+        "<#>",
+        "##",
+        "?#",
+        "?-",
+        "?-|",
+        "?||",
+        "~=",
+        "=>",
+        "<^",
+        ">^",
+    ]
+)
+
+#: Built-in types a cast (``::type``, ``CAST(... AS type)``) may name; a
+#: cast to another type may run a user's function.
+SAFE_TYPES: frozenset[str] = frozenset(
+    [
+        "int",
+        "int2",
+        "int4",
+        "int8",
+        "integer",
+        "smallint",
+        "bigint",
+        "numeric",
+        "decimal",
+        "real",
+        "float",
+        "float4",
+        "float8",
+        "double",
+        "text",
+        "varchar",
+        "char",
+        "character",
+        "bpchar",
+        "name",
+        "boolean",
+        "bool",
+        "date",
+        "time",
+        "timestamp",
+        "timestamptz",
+        "timetz",
+        "interval",
+        "uuid",
+        "json",
+        "jsonb",
+        "bytea",
+        "inet",
+        "cidr",
+        "macaddr",
+        "macaddr8",
+        "money",
+        "bit",
+        "varbit",
+        "tsvector",
+        "tsquery",
+        "regconfig",
+        "regclass",
+        "regtype",
+        "regproc",
+        "regprocedure",
+        "regnamespace",
+        "regrole",
+        "oid",
+        "xid",
+        "xml",
+        "point",
+        "line",
+        "lseg",
+        "box",
+        "path",
+        "polygon",
+        "circle",
+        "int4range",
+        "int8range",
+        "numrange",
+        "tsrange",
+        "tstzrange",
+        "daterange",
+        "int4multirange",
+        "int8multirange",
+        "nummultirange",
+        "tsmultirange",
+        "tstzmultirange",
+        "datemultirange",
+    ]
 )
 
 
@@ -377,6 +552,10 @@ def _statements(sql: str) -> list[list[str]] | None:
             pos = end + len(m.group())
             statements[-1].append("'")  # a literal (a DO body, a function body)
         elif kind == "string":
+            if "\\" in m.group() and not m.group().lower().startswith("e'"):
+                # With standard_conforming_strings off (a server, database or
+                # role may set it), a backslash escapes a quote here too.
+                return None
             if m.group().lower().startswith("e'") and m.group().count("\\"):
                 # E'' strings escape quotes with a backslash: rescan it.
                 end = _escape_string_end(sql, m.start() + 2)
@@ -392,6 +571,10 @@ def _statements(sql: str) -> list[list[str]] | None:
             statements.append([])
         elif kind == "paren":
             statements[-1].append("(")
+        elif kind == "cast":
+            statements[-1].append("::")
+        elif kind == "op":
+            statements[-1].extend(_operators(m.group()))
         elif kind == "other":
             if m.group() in "'\"":
                 return None  # an unterminated literal or name
@@ -416,24 +599,73 @@ def _escape_string_end(sql: str, pos: int) -> int:
     return -1
 
 
-def _calls_only_safe_functions(tokens: list[str]) -> bool:
+def _operators(op: str) -> list[str]:
+    """Operator tokens of *op*, split as PostgreSQL splits them: a trailing + or
+    - belongs to the next operand unless the operator has one of ~!@#%^&|`?."""
+    parts: list[str] = []
+    while len(op) > 1 and op[-1] in "+-" and not any(c in op for c in "~!@#%^&|`?"):
+        parts.insert(0, _OP + op[-1])
+        op = op[:-1]
+    return [_OP + op, *parts]
+
+
+def _only_safe_calls(tokens: list[str]) -> bool:
+    """No call, operator or cast that may run code other than PostgreSQL's own."""
+    n = len(tokens)
     for i, token in enumerate(tokens):
-        if token != "(" or i == 0:
-            continue
-        name = tokens[i - 1]
-        if _names_a_table(tokens, i - 1):
-            continue  # INSERT INTO "t" ("a", "b"): a column list
-        if name.startswith('"'):
-            return False  # a quoted name called: a user function
-        if i >= 2 and tokens[i - 2] == ".":
-            schema = tokens[i - 3] if i >= 3 else ""
-            if schema != "pg_catalog":
-                return False  # schema-qualified: a user function
-        if name in _NOT_CALLS or not (name[0].isalpha() or name[0] == "_"):
-            continue  # a keyword, an operator, a literal, a parenthesis
-        if name not in SAFE_FUNCTIONS:
-            return False
+        if token[0] == _OP:
+            if token[1:] not in SAFE_OPERATORS:
+                return False  # a user's operator runs a user's function
+        elif token == "::":
+            if not _safe_type(tokens, i + 1):
+                return False  # a cast to a user's type may run a user's function
+        elif token == "(" and i > 0:
+            name = tokens[i - 1]
+            if _names_a_table(tokens, i - 1):
+                continue  # INSERT INTO "t" ("a", "b"): a column list
+            if name.startswith('"'):
+                return False  # a quoted name called: a user function
+            if i >= 2 and tokens[i - 2] == ".":
+                schema = tokens[i - 3] if i >= 3 else ""
+                if schema != "pg_catalog":
+                    return False  # schema-qualified: a user function
+            if not _is_word(name) or name in _NOT_CALLS:
+                continue  # an operator, a literal, a parenthesis, a reserved word
+            if i >= 2 and tokens[i - 2] in _NOT_CALLS_AFTER.get(name, ()):
+                continue  # ORDER BY (, count(*) FILTER (, ON CONFLICT (, ...
+            if name == "cast":
+                if not _safe_cast(tokens, i, n):
+                    return False
+                continue
+            if name not in SAFE_FUNCTIONS:
+                return False
     return True
+
+
+def _safe_type(tokens: list[str], i: int) -> bool:
+    """Whether tokens[i] starts a built-in type name (pg_catalog. allowed)."""
+    if i + 2 < len(tokens) and tokens[i] == "pg_catalog" and tokens[i + 1] == ".":
+        i += 2
+    if i >= len(tokens):
+        return False
+    name = tokens[i][1:] if tokens[i].startswith('"') else tokens[i]
+    return name in SAFE_TYPES
+
+
+def _safe_cast(tokens: list[str], start: int, n: int) -> bool:
+    """CAST(... AS type): the type after the AS at the parenthesis' own level."""
+    depth = 0
+    for j in range(start, n):
+        token = tokens[j]
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+            if depth == 0:
+                return False  # no AS found
+        elif token == "as" and depth == 1:
+            return _safe_type(tokens, j + 1)
+    return False
 
 
 def _names_a_table(tokens: list[str], i: int) -> bool:
@@ -451,11 +683,13 @@ def _is_clean(tokens: list[str]) -> bool:
             if not rest or rest[0] not in _READS_WRITES:
                 return False
         for i, token in enumerate(tokens):
-            if token == "into" and i + 1 < len(tokens) and tokens[i + 1] in ("temp", "temporary"):
-                return False
-        return _calls_only_safe_functions(tokens)
+            if token == "into" and (i == 0 or tokens[i - 1] not in ("insert", "merge")):
+                return False  # SELECT ... INTO creates a table, maybe a temporary one
+        return _only_safe_calls(tokens)
     if first == "set":
         second = tokens[1] if len(tokens) > 1 else ""
+        if len(tokens) > 2 and tokens[2] == ".":
+            return False  # SET local.tenant = ...: a custom setting, for the session
         return second in ("local", "transaction", "constraints")
     if first == "declare":
         for i, token in enumerate(tokens):
@@ -466,9 +700,15 @@ def _is_clean(tokens: list[str]) -> bool:
                 return bool(rest) and rest[0] in _READS_WRITES and _is_clean(rest)
         return False
     if first in _TRANSACTION_CONTROL:
-        if first == "copy" and len(tokens) > 1 and tokens[1] == "(":
-            return _calls_only_safe_functions(tokens[1:])  # COPY (query) TO ...
-        return True  # COPY table [(columns)] FROM/TO ...: rows only
+        if first == "copy":
+            if len(tokens) > 1 and tokens[1] == "(":
+                return _only_safe_calls(tokens[1:])  # COPY (query) TO ...
+            # COPY table [(columns)] FROM/TO ... [WITH (...)] [WHERE ...]
+            for i, token in enumerate(tokens):
+                if token in ("from", "to"):
+                    return _only_safe_calls(tokens[i:])
+            return False
+        return True
     return False
 
 

@@ -282,6 +282,8 @@ USES: tuple[Use, ...] = (
     Use(f"{_CURSOR}._start_copy_gen", WRAPPED, "copy()'s send", "watch.install"),
     Use(f"{_SERVER_CURSOR}._declare_gen", WRAPPED,
         "a named cursor's DECLARE (Django's chunked reads)", "watch.install"),
+    Use(f"{_SERVER_CURSOR}._close_gen", WRAPPED,
+        "a named cursor's CLOSE, skipped in a failed transaction", "watch.install"),
     Use(f"{_CURSOR}._conn", ATTRIBUTE, "the cursor's connection, marked as changed",
         "watch._query_hook"),
     Use(f"{_SERVER_CURSOR}._withhold", ATTRIBUTE, "a WITH HOLD cursor outlives its transaction",
@@ -502,6 +504,13 @@ FINGERPRINTS: dict[str, dict[str, tuple[str, ...]]] = {
         "a5fce37a0f8b": (
             "3.3.0", "3.3.1", "3.3.2", "3.3.3", "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8",
             "3.3.9",
+        ),
+    },
+    "psycopg.ServerCursor._close_gen": {
+        "73d11f19977a": (
+            "3.2.0", "3.2.1", "3.2.2", "3.2.3", "3.2.4", "3.2.5", "3.2.6", "3.2.7", "3.2.8",
+            "3.2.9", "3.2.10", "3.2.11", "3.2.12", "3.2.13", "3.3.0", "3.3.1", "3.3.2", "3.3.3",
+            "3.3.4", "3.3.5", "3.3.6", "3.3.7", "3.3.8", "3.3.9",
         ),
     },
     "django.db.backends.base.base.BaseDatabaseWrapper.connect": {

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from .statements import may_change_session
 
@@ -47,6 +47,7 @@ HOOKED: tuple[tuple[type[Any], str], ...] = (
     (psycopg.Cursor, "_stream_send_gen"),  # stream()
     (psycopg.Cursor, "_start_copy_gen"),  # copy()
     (psycopg.ServerCursor, "_declare_gen"),  # named cursors (Django's chunked reads)
+    (psycopg.ServerCursor, "_close_gen"),  # ... and their CLOSE (not sent in a failed transaction)
 )
 
 #: Parameters PostgreSQL reports on its own when they change, in functions
@@ -81,7 +82,7 @@ def install() -> None:
         for cls, name in HOOKED:
             owner = next(c for c in cls.__mro__ if name in c.__dict__)
             original = owner.__dict__[name]
-            hook = _declare_hook if name == "_declare_gen" else _query_hook
+            hook = _HOOKS.get(name, _query_hook)
             setattr(owner, name, hook(original))
         _installed = True
 
@@ -115,6 +116,27 @@ def _declare_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         return original(self, query, *args, **kwargs)
 
     return watched
+
+
+def _close_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def watched(self: Any) -> Any:
+        conn = self._conn
+        if (
+            getattr(conn, "_dpp_clean", False)
+            and self._withhold
+            and conn.pgconn.transaction_status not in _CLOSABLE
+        ):
+            # psycopg sends no CLOSE in a failed transaction, yet marks the
+            # cursor closed; a WITH HOLD one declared earlier stays open.
+            conn._dpp_clean = False
+        return original(self)
+
+    return watched
+
+
+_CLOSABLE = (pq.TransactionStatus.IDLE, pq.TransactionStatus.INTRANS)
+_HOOKS = {"_declare_gen": _declare_hook, "_close_gen": _close_hook}
 
 
 def _classify(conn: PooledConnection, query: Any, cursor: Any) -> None:

@@ -11,7 +11,7 @@ statements stay coherent, and what "auto" cannot see.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,12 +100,17 @@ FUNCTIONS = (
 )
 
 
-@pytest.fixture
-def functions(transactional_db: None) -> None:
+def run_on_test_database(statements: Iterable[str]) -> None:
+    """Run *statements* on the test database, outside every test pool."""
     with connection.cursor() as cursor:
-        for sql in FUNCTIONS:
+        for sql in statements:
             cursor.execute(sql)
     connection.close()
+
+
+@pytest.fixture
+def functions(transactional_db: None) -> None:
+    run_on_test_database(FUNCTIONS)
 
 
 # -- the paths by which application code sends SQL --------------------------
@@ -230,6 +235,7 @@ def leaks_nothing(make_wrapper: Make, path: Path, sql: str, look: str, **pool: A
     wrapper.close()
 
     path(wrapper, sql)
+    assert wrapper.connection._dpp_clean is False  # seen on this path, before any look
     assert fetch(wrapper, look) != fresh  # the request really changed it
     wrapper.close()
 
