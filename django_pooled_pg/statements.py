@@ -38,7 +38,7 @@ import functools
 import re
 
 #: A letter of a name: PostgreSQL takes any non-ASCII character as one.
-_LETTER = r"[A-Za-z_\u0080-\U0010ffff]"
+_LETTER = r"(?:[A-Za-z_]|[^\x00-\x7f])"
 
 #: Functions that leave the session as they found it (built-ins the ORM and
 #: hand-written queries use). Transaction-scoped advisory locks end with the
@@ -359,10 +359,10 @@ _TOKEN = re.compile(
     (?P<space>\s+)
     | (?P<line_comment>--[^\n\r]*)
     | (?P<block_comment>/\*)
-    | (?P<dollar>\$(?P<tag>{_LETTER}(?:{_LETTER}|[0-9])*)?\$)
+    | (?P<dollar>\$(?P<tag>{_LETTER}(?:[A-Za-z_0-9]|[^\x00-\x7f])*)?\$)
     | (?P<string>[EeBbXxUu]?&?'(?:[^']|'')*')
     | (?P<quoted>"(?:[^"]|"")*")
-    | (?P<word>{_LETTER}(?:{_LETTER}|[0-9$])*)
+    | (?P<word>{_LETTER}(?:[A-Za-z_0-9$]|[^\x00-\x7f])*)
     | (?P<param>\$\d+|%\([^)]*\)s|%s)
     | (?P<semicolon>;)
     | (?P<paren>\()
