@@ -623,6 +623,8 @@ def _only_safe_calls(tokens: list[str]) -> bool:
             name = tokens[i - 1]
             if _names_a_table(tokens, i - 1):
                 continue  # INSERT INTO "t" ("a", "b"): a column list
+            if i >= 2 and tokens[i - 2] == "::":
+                continue  # a type's modifier: x::varbit(5) (the type is checked)
             if name.startswith('"'):
                 return False  # a quoted name called: a user function
             if i >= 2 and tokens[i - 2] == ".":

@@ -16,9 +16,11 @@ function the classifier cannot see into. ``session_changed()`` compares them
 with their values when the connection was last made clean.
 
 What neither can see: SQL sent through the libpq object itself
-(``connection.pgconn``) and session state changed by code the request
-reaches without naming it (triggers, views, column defaults, policies),
-unless it changes a reported parameter. docs/configuration.md says so.
+(``connection.pgconn``), session state changed by code the request reaches
+without naming it (triggers, views, column defaults, policies, attribute
+notation, a user's overload of a built-in function's name), unless it
+changes a reported parameter, and sequence state (``lastval()``).
+docs/configuration.md says so.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ CLEAN = [
     "SELECT (now() AT TIME ZONE 'UTC')::date, '2026-01-01'::timestamptz - interval '1 day'",
     'SELECT "t"."name" || %s, "t"."n" %% 2 FROM "t"',
     "SELECT 'ñandú' AS \"año\", 1 AS año",
+    "SELECT x::varbit(5), y::bpchar(3), z::pg_catalog.int4 FROM t",
 ]
 
 DIRTY = [
@@ -85,6 +86,7 @@ DIRTY = [
     "COPY t FROM STDIN WHERE my_function(x)",
     "SELECT 1 ### 2",
     "SELECT 1::my_type",
+    "SELECT 1::my_type(5)",
     "SELECT CAST(1 AS my_type)",
     "SELECT nothing()",
     "SELECT set(1)",
