@@ -6,6 +6,7 @@ Use it with ``DATABASES = {"default": {"ENGINE": "django_pooled_pg", ...}}``.
 from .errors import PoolExhausted, ServerUnavailable
 from .observability.api import stats
 from .observability.records import PoolStats
+from .registry import unavailable
 
-__all__ = ["PoolExhausted", "PoolStats", "ServerUnavailable", "stats"]
+__all__ = ["PoolExhausted", "PoolStats", "ServerUnavailable", "stats", "unavailable"]
 __version__ = "0.1.0"

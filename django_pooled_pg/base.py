@@ -24,7 +24,7 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from . import registry
+from . import registry, roles
 from .checks import check_pool_options
 from .creation import DatabaseCreation
 from .errors import PERSISTENT_CONNECTIONS_MESSAGE, PoolExhausted
@@ -54,6 +54,12 @@ class _ErrorWrapper(DatabaseErrorWrapper):
         if issubclass(exc_type, PoolExhausted):
             self.wrapper.errors_occurred = True  # type: ignore[attr-defined]
             return
+        if issubclass(exc_type, psycopg.errors.ReadOnlySqlTransaction):
+            # SQLSTATE 25006: on an alias that needs a primary, the pool
+            # discards the connection when it comes back (pool._return_connection).
+            conn = self.wrapper.connection  # type: ignore[attr-defined]
+            if isinstance(conn, PooledConnection):
+                conn._dpp_read_only_error = True
         if issubclass(exc_type, psycopg.errors.InvalidCursorName) and "_django_curs_" in str(
             exc_value
         ):
@@ -234,6 +240,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
             database=(s["HOST"], str(s["PORT"]), s["NAME"]),
             user=s["USER"],
             startup=startup,
+            role=roles.role_for(opts.server_role, s["OPTIONS"]),
         )
 
     def close_pool(self) -> None:

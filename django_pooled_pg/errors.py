@@ -49,8 +49,21 @@ class ServerUnavailable(DjangoOperationalError):
     default). The message names the cause PostgreSQL or the network gave.
     """
 
-    def __init__(self, message: str, *, alias: str = "", cause: str = "", failing_for: float = 0.0):
+    def __init__(
+        self,
+        message: str,
+        *,
+        alias: str = "",
+        cause: str = "",
+        failing_for: float = 0.0,
+        server_role: str = "",
+    ):
         super().__init__(message)
+        #: The alias whose pool cannot connect, and the last attempt's error.
         self.alias = alias
         self.cause = cause
+        #: Seconds since the first failed attempt of this outage.
         self.failing_for = failing_for
+        #: The role the alias needs ("primary", "standby", "any"): a router
+        #: may send reads elsewhere when a replica ("any", "standby") is down.
+        self.server_role = server_role

@@ -74,7 +74,7 @@ class Outage:
         self.since = None
         return lasted
 
-    def unavailable(self, alias: str) -> ServerUnavailable:
+    def unavailable(self, alias: str, server_role: str = "") -> ServerUnavailable:
         failing_for = self.failing_for()
         return ServerUnavailable(
             f"Database alias {alias!r} is unavailable: connection attempts have "
@@ -84,6 +84,7 @@ class Outage:
             alias=alias,
             cause=self.cause,
             failing_for=failing_for,
+            server_role=server_role,
         )
 
 

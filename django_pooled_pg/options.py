@@ -361,6 +361,43 @@ class PoolOptions:
         bad_example="pgbouncer",
         allow_none=True,
     )
+    server_role: str | None = _option(
+        default=None,
+        default_text="from `target_session_attrs` (none: `'primary'`)",
+        accepted="None, 'primary', 'standby' or 'any'",
+        doc="What server the alias's sessions must be on. 'primary': one that accepts "
+        "writes; a session on a hot standby or a read-only server "
+        "(default_transaction_read_only) is never served: a new one is refused as a "
+        "failed connection attempt, one that turned read-only is discarded at checkout "
+        "or return (read from what the server reported, no round trip) or at its first "
+        "SQLSTATE 25006. 'standby': a hot standby; a promoted one is discarded. 'any': "
+        "no check (a replica alias). Default: from OPTIONS['target_session_attrs'] "
+        "('read-write' and 'primary': 'primary'; 'standby': 'standby'; 'read-only', "
+        "'prefer-standby' and 'any': 'any'), 'primary' without it. See "
+        "docs/scaling-out.md.",
+        summary="what server the sessions must be on: `'primary'`, `'standby'` or "
+        "`'any'`; by default from `target_session_attrs`",
+        kind="choice",
+        bad_example="replica",
+        allow_none=True,
+        shown=True,
+        choices=("primary", "standby", "any"),
+    )
+    drain_on_role_change: bool = _option(
+        default=True,
+        accepted="True or False",
+        doc="When one session finds its server's role changed (a primary turned "
+        "standby or read-only, a standby promoted), close every connection opened "
+        "before, idle ones at once and those in use when returned, instead of "
+        "finding each one out by an error; the pool opens new ones (libpq's "
+        "multi-host HOST and target_session_attrs choose the server). False: each "
+        "is found out on its own, and max_lifetime bounds how long one lives.",
+        summary="when one session sees the server's role change, replace every "
+        "connection opened before",
+        kind="bool",
+        bad_example="yes",
+        shown=True,
+    )
     #: Not an option: a user's "check" (even None) overrides CONN_HEALTH_CHECKS.
     check_given: bool = False
 
@@ -521,6 +558,18 @@ def parse(
                 f"({values['min_size']!r}); max_size must be >= min_size.",
             )
         )
+    target = (db_options or {}).get("target_session_attrs")
+    role = values["server_role"]
+    if role in _CONTRADICTS and target in _CONTRADICTS[role]:
+        errors.append(
+            OptionError(
+                "server_role",
+                f"DATABASES[{alias!r}]['OPTIONS']['pool']['server_role'] is {role!r}, but "
+                f"DATABASES[{alias!r}]['OPTIONS']['target_session_attrs'] is {target!r}: "
+                "libpq would connect only to servers the pool then refuses. Remove "
+                "server_role (it follows target_session_attrs) or make them agree.",
+            )
+        )
     if values["pgbouncer"] == "transaction":
         if "reset_session" not in given:
             values["reset_session"] = False  # it would reset another client's server session
@@ -529,6 +578,13 @@ def parse(
         raise errors[0]
     return PoolOptions(check_given="check" in given, **values)
 
+
+#: target_session_attrs that contradict a server_role (libpq connects only
+#: to servers of the other kind).
+_CONTRADICTS = {
+    "primary": ("standby", "read-only"),
+    "standby": ("read-write", "primary"),
+}
 
 #: Parameters PgBouncer keeps per client and sets again on whichever server
 #: connection it hands the client (its "tracked" parameters, 1.18 to 1.24).

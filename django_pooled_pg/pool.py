@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, Schedule
 
-from . import leases, session, watch
+from . import leases, roles, session, watch
 from .errors import PoolExhausted, ServerUnavailable
 from .failures import Outage, ReconnectAttempt, exhausted
 from .observability import records
@@ -65,8 +65,14 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         database: tuple[str, str, str],
         user: str = "",
         startup: StartupSettings | None = None,
+        role: str = roles.ANY,
     ) -> None:
         self.alias = alias
+        #: What server the sessions must be on (roles.py): "primary", "standby" or "any".
+        self.role = role
+        self._check_role = role != roles.ANY
+        # When the last role change drained the pool (monotonic; 0: never).
+        self._role_drained_at = 0.0
         #: The engine's own session settings (time zone, role) and where they travel.
         self.startup = startup if startup is not None else StartupSettings(alias, {})
         self._kwargs = kwargs
@@ -77,7 +83,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self.user = user
         self.pid = os.getpid()  # -1 once disowned in a forked child
         #: The password-free view of the options that poolstats shows.
-        self.config = records.PoolConfig.build(database, user, options.shown())
+        self.config = records.PoolConfig.build(
+            database, user, {**options.shown(), "server_role": role}
+        )
         record = records.record_for(alias)
         record.config = self.config
         #: Where the pool reports what it does (records nothing with stats off).
@@ -137,7 +145,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             with self._lock:
                 self._maybe_grow_pool()  # an attempt is always under way
             self.recorder.failed()
-            raise self.outage.unavailable(self.alias)
+            raise self.outage.unavailable(self.alias, self.role)
         waits = self._waits
         ident = threading.get_ident()
         waits[ident] = t0
@@ -183,15 +191,25 @@ class DjangoPool(ConnectionPool[PooledConnection]):
     def _take(self, conn: PooledConnection, deadline: float) -> bool:
         """Lease a connection taken from the pool, or replace it if unfit."""
         if self._expired(conn):
-            self._replace(conn, "lifetime")
+            self._replace(conn, self._expiry_reason(conn))
             return False
         conn._dpp_deadline = deadline
         try:
             self._check_connection(conn)
+        except roles.RoleChanged as exc:
+            # Read-only by the session's own SET (with reset_session off):
+            # this connection only; by the server's settings: all of them.
+            server_wide = exc.server_wide or roles.read_only_by_server(conn)
+            self._replace(conn, "role_change")
+            if server_wide:
+                self._role_changed(str(exc))
+            return False
         except Exception as exc:
             logger.info("pool %r: discarding a connection at checkout: %s", self.name, exc)
             self._stats[self._CONNECTIONS_LOST] += 1  # as psycopg_pool counts it
             self._replace(conn, session.close_reason(exc))
+            if isinstance(exc, session.SessionBroken):
+                self._sweep_idle()
             return False
         except BaseException:
             self._return_connection(conn, from_getconn=True)
@@ -246,6 +264,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._collect_reset(conn)
         if not session.socket_alive(conn):
             raise session.SessionBroken("the server closed the connection while it was idle")
+        if self._check_role and (why := roles.mismatch(conn.pgconn, self.role)):
+            raise roles.RoleChanged(why, server_wide=why is not roles.READ_ONLY)
         super()._check_connection(conn)
 
     def _collect_reset(self, conn: PooledConnection) -> None:
@@ -257,6 +277,21 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._configure_user(conn)
         if self._auto_reset:
             watch.mark_clean(conn)
+
+    def unavailable(self) -> ServerUnavailable | None:
+        """What a checkout fails with now under fail_fast (no I/O), or None.
+
+        A ServerUnavailable while every connection attempt since the last
+        success has failed and the pool holds no connection.
+        """
+        if not self.outage.ongoing:
+            return None
+        if not self._leased and not self._holds_nothing():
+            # Idle sessions the server may have ended since: their sockets tell.
+            self._sweep_idle()
+        if self._holds_nothing():
+            return self.outage.unavailable(self.alias, self.role)
+        return None
 
     def _holds_nothing(self) -> bool:
         """No connection idle, parked or in use: none could come back."""
@@ -323,10 +358,13 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 self.recorder.lost()
             logger.info("pool %r: replacing a closed connection", self.name)
             self.run_task(AddConnection(self))
+            self._sweep_idle()
             return
         if self._expired(conn):
             logger.info("pool %r: discarding expired connection", self.name)
-            self._replace(conn, "lifetime")
+            self._replace(conn, self._expiry_reason(conn))
+            return
+        if self._check_role and self._returned_on_wrong_server(conn):
             return
         try:
             done = session.send_reset(
@@ -348,6 +386,55 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                     return
         self._add_to_pool(conn)
 
+    def _returned_on_wrong_server(self, conn: PooledConnection) -> bool:
+        """Discard a returned connection whose request heard its server change role.
+
+        The server became a hot standby (or, for a standby alias, was
+        promoted) or turned read-only, or a write failed with SQLSTATE
+        25006. default_transaction_read_only may be the request's own SET,
+        which the session reset undoes: one query (only then) tells. A
+        25006 in the request's own read-only transaction or session
+        discards only this connection.
+        """
+        why = roles.mismatch(conn.pgconn, self.role)
+        if why is roles.READ_ONLY and not roles.read_only_by_server(conn):
+            why = None  # the request's own setting
+        if why is None and not conn._dpp_read_only_error:
+            return False
+        self._replace(conn, "role_change")
+        if why is not None:
+            self._role_changed(why)
+        else:
+            logger.warning(
+                "pool %r: discarded a connection whose write failed as read-only "
+                "(SQLSTATE 25006) on a server that accepts writes",
+                self.name,
+            )
+        return True
+
+    def _sweep_idle(self) -> None:
+        """One connection was found closed by the server: look at the idle ones.
+
+        A server that stopped or crashed, or a failover, ends every session
+        at once. Their sockets tell without a round trip (session.socket_alive);
+        the dead ones are replaced now, so that the pool knows it holds
+        nothing (fail_fast, ``unavailable()``) instead of each checkout
+        finding one more.
+        """
+        self._unpark()
+        with self._lock:
+            idle = list(self._pool)
+            self._pool.clear()
+        alive = []
+        for conn in idle:
+            if session.socket_alive(conn):
+                alive.append(conn)
+            else:
+                self._stats[self._CONNECTIONS_LOST] += 1
+                self._replace(conn, "broken")
+        for conn in alive:
+            self._add_to_pool(conn)
+
     def _unpark(self, idle_for: float = 0.0) -> int:
         """Move parked connections idle for *idle_for* seconds to the pool."""
         limit = monotonic() - idle_for
@@ -362,6 +449,47 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 
     def _expired(self, conn: PooledConnection) -> bool:
         return conn._created_at <= self._drained_at or conn._expire_at <= monotonic()
+
+    def _expiry_reason(self, conn: PooledConnection) -> str:
+        return "role_change" if conn._created_at <= self._role_drained_at else "lifetime"
+
+    def _role_changed(self, why: str) -> None:
+        """A session found its server no longer of the alias's role.
+
+        With drain_on_role_change, every connection opened before is
+        replaced (idle ones now, those in use when returned): they reach
+        the same server, and each would otherwise fail a request to be
+        found out.
+        """
+        if not self.options.drain_on_role_change:
+            logger.warning(
+                "pool %r: discarded a connection: %s (alias %r needs server_role=%r)",
+                self.name,
+                why,
+                self.alias,
+                self.role,
+            )
+            return
+        logger.warning(
+            "pool %r: %s (alias %r needs server_role=%r): replacing every connection "
+            "opened before (drain_on_role_change)",
+            self.name,
+            why,
+            self.alias,
+            self.role,
+        )
+        # Connections in use come back expired (_drained_at), closed then.
+        self._role_drained_at = monotonic()
+        self.drain()
+
+    def drain(self) -> None:
+        """psycopg_pool's drain(), parked connections included.
+
+        The connections it closes count as ``role_change`` when a role
+        change drained the pool (``_role_changed``), else as ``lifetime``.
+        """
+        self._unpark()
+        super().drain()
 
     def _replace(self, conn: PooledConnection, reason: str) -> None:
         """Close a connection that left the pool's count for *reason*, open another."""
@@ -378,7 +506,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         if not conn._dpp_closed:
             conn._dpp_closed = True
             if reason is None:
-                reason = "shutdown" if self._closed else "lifetime"
+                reason = "shutdown" if self._closed else self._expiry_reason(conn)
             self.recorder.closed(reason)
             log = logger.debug if reason == "shutdown" else logger.info
             log("pool %r: closed a connection (%s)", self.name, reason)
@@ -414,6 +542,15 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # ALL keeps them and no callback needs the Django wrapper (whose use
         # here deadlocks Django's own pool, see DJANGO-NOTES: assume_role);
         # where a pooler refused them, they are set here (startup.py).
+        if self._check_role and (why := roles.mismatch(conn.pgconn, self.role)):
+            # As libpq's target_session_attrs refuses one: a failed attempt,
+            # retried in the background until the server's role is right.
+            host, port = conn.info.host, conn.info.port
+            conn.close()
+            raise roles.WrongRole(
+                f"connection to server at {host!r}, port {port} refused by the "
+                f"pool: {why}, and alias {self.alias!r} needs server_role={self.role!r}"
+            )
         if "TimeZone" in self.startup.by_sql:  # reported by the server (ParameterStatus)
             self.startup.server_default("TimeZone", conn.info.parameter_status("TimeZone"))
         if sql := self.startup.sql:
@@ -501,7 +638,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 waiting = list(self._waiting)
                 self._waiting.clear()
             if waiting:
-                error: ServerUnavailable = self.outage.unavailable(self.alias)
+                error: ServerUnavailable = self.outage.unavailable(self.alias, self.role)
                 for client in waiting:
                     client.fail(error)
 

@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Hashable
 
+from .errors import ServerUnavailable
 from .observability import records
 from .pool import DjangoPool
 from .session import PooledConnection, neutralize
@@ -129,3 +130,17 @@ def _close_at_exit() -> None:
             pool.close(timeout=1.0)
         except Exception:  # pragma: no cover - best effort at exit
             logger.debug("pool %r: error closing at exit", pool.name, exc_info=True)
+
+
+def unavailable(alias: str) -> ServerUnavailable | None:
+    """Whether *alias* is known to be unreachable now, without I/O.
+
+    The ``ServerUnavailable`` its next checkout would fail with (``fail_fast``)
+    while every connection attempt since the last success has failed and its
+    pool holds no connection; None otherwise, and when its pool was not used
+    in this process yet. For routers choosing where reads go.
+    """
+    for pool in reversed(find(alias)):
+        if not pool.closed and pool.pid == os.getpid():
+            return pool.unavailable()
+    return None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import pq
 
-from . import watch
+from . import roles, watch
 
 if TYPE_CHECKING:
     from .base import DatabaseWrapper
@@ -57,6 +57,8 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_clean: bool = False
     _dpp_baseline: tuple[bytes | None, ...] = ()
     _dpp_held: list[Any] | None = None
+    # A write failed with SQLSTATE 25006 (read-only transaction): see the pool.
+    _dpp_read_only_error: bool = False
 
 
 class SessionBroken(psycopg.OperationalError):
@@ -69,7 +71,11 @@ class ResetFailed(psycopg.OperationalError):
 
 def close_reason(exc: BaseException) -> str:
     """The close reason (see CLOSE_REASONS) for a connection that raised *exc* at checkout."""
-    return "reset_failed" if isinstance(exc, ResetFailed) else "broken"
+    if isinstance(exc, ResetFailed):
+        return "reset_failed"
+    if isinstance(exc, roles.RoleChanged):
+        return "role_change"
+    return "broken"
 
 
 def watch_for_fatal(conn: PooledConnection) -> None:

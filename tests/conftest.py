@@ -16,7 +16,7 @@ import pytest
 from django.db import connection
 
 from django_pooled_pg.base import DatabaseWrapper
-from dpp_devtools import pgbouncer, throwaway
+from dpp_devtools import pgbouncer, replication, throwaway
 from tests.helpers import db_settings
 
 _aliases = itertools.count()
@@ -92,6 +92,25 @@ def private_server(django_db_blocker: Any) -> Iterator[throwaway.ThrowawayServer
     with django_db_blocker.unblock():
         yield server
     server.destroy()
+
+
+@pytest.fixture
+def replicated(django_db_blocker: Any) -> Iterator[Callable[..., replication.ReplicatedPair]]:
+    """Start a primary and its streaming standby: ``replicated(synchronous=False)``.
+
+    Both are this test's own (database ``private``), destroyed afterwards.
+    """
+    started: list[replication.ReplicatedPair] = []
+
+    def start(synchronous: bool = False) -> replication.ReplicatedPair:
+        pair = replication.start_pair("private", synchronous=synchronous)
+        started.append(pair)
+        return pair
+
+    with django_db_blocker.unblock():
+        yield start
+    for pair in started:
+        pair.destroy()
 
 
 @pytest.fixture(scope="session")

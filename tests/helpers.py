@@ -90,6 +90,28 @@ class CheckedThread(threading.Thread):
             raise error
 
 
+class Workers:
+    """Threads running ``work(i)`` from ``with`` until the block ends; each
+    thread's exception fails the test at the end of the block."""
+
+    def __init__(self, threads: int) -> None:
+        self.stopping = threading.Event()
+        self._threads = [CheckedThread(target=self.work, args=(i,)) for i in range(threads)]
+
+    def work(self, i: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for t in self._threads:
+            t.join(60)  # raises what the thread raised
+
+
 def wait_until(
     predicate: Callable[[], Any],
     timeout: float = 10.0,

@@ -175,3 +175,35 @@ def test_a_terminated_process_stops_its_server() -> None:
 
     wait_until(refused, timeout=10, interval=0.1, message="the server to stop with its process")
     assert not Path(tmp).exists()
+
+
+def test_a_synchronous_pair_streams_and_its_promoted_standby_commits(replicated) -> None:
+    """pg_basebackup -R copies synchronous_standby_names (postgresql.auto.conf);
+    the harness clears it on the standby, so the promoted server commits."""
+    pair = replicated(synchronous=True)
+    with pair.connect(pair.primary, "postgres") as conn:
+        rows = conn.execute("SELECT sync_state FROM pg_stat_replication").fetchall()
+        assert rows == [("sync",)]
+    assert (
+        "synchronous_standby_names = '*'"
+        in (pair.standby.datadir / "postgresql.auto.conf").read_text()
+    )
+    with pair.connect(pair.primary) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        conn.execute("INSERT INTO t VALUES (1)")  # waits for the standby: it is there
+    pair.wait_caught_up()
+    with pair.connect(pair.standby) as conn:
+        assert conn.info.parameter_status("in_hot_standby") == "on"
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    pair.primary.stop("immediate")
+    pair.promote()
+    with pair.connect(pair.standby) as conn:
+        assert conn.info.parameter_status("in_hot_standby") == "off"
+        # A commit waiting for a synchronous standby would never return.
+        from tests.helpers import CheckedThread
+
+        writer = CheckedThread(target=conn.execute, args=("INSERT INTO t VALUES (2)",))
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive(), "the promoted server waits for a standby"
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)

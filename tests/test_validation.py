@@ -57,6 +57,8 @@ BAD = [
         ["['check'] names 'tests.nowhere.check'", "cannot be imported"],
     ),
     ({"configure": 42}, ["['configure'] is 42", "a callable"]),
+    ({"server_role": "replica"}, ["['server_role'] is 'replica'", "'primary', 'standby' or"]),
+    ({"drain_on_role_change": "yes"}, ["['drain_on_role_change'] is 'yes'", "True or False"]),
 ]
 
 
@@ -312,3 +314,38 @@ def test_tcp_settings_have_defaults_that_options_override(make_wrapper: Make) ->
     assert params["keepalives_idle"] == "7"
     assert params["tcp_user_timeout"] == "0"
     assert params["keepalives_count"] == "3"
+
+
+@pytest.mark.parametrize(
+    "role, target",
+    [("primary", "standby"), ("primary", "read-only"), ("standby", "read-write")],
+)
+def test_a_server_role_that_contradicts_target_session_attrs_is_refused(
+    role: str, target: str
+) -> None:
+    wrapper = wrapper_with({"server_role": role}, OPTIONS={"target_session_attrs": target})
+    with pytest.raises(ImproperlyConfigured) as caught:
+        wrapper.pool_options()
+    message = str(caught.value)
+    assert f"['server_role'] is {role!r}" in message
+    assert f"['target_session_attrs'] is {target!r}" in message
+
+
+@pytest.mark.parametrize(
+    "target, role",
+    [
+        (None, "primary"),
+        ("read-write", "primary"),
+        ("primary", "primary"),
+        ("standby", "standby"),
+        ("read-only", "any"),
+        ("prefer-standby", "any"),
+        ("any", "any"),
+    ],
+)
+def test_the_server_role_follows_target_session_attrs(
+    make_wrapper: Make, target: str | None, role: str
+) -> None:
+    options = {} if target is None else {"target_session_attrs": target}
+    pool = make_wrapper(options=options).pool
+    assert pool.role == role and pool.config.server_role == role

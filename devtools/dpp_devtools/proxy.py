@@ -4,7 +4,10 @@
 socket: the kernel still acknowledges what peers send, so a client sees a
 server that accepts and never answers (as psycopg_pool's test proxy does).
 ``resume()`` forwards again; connections accepted meanwhile are connected
-upstream then. ``accepted`` records when each client connected.
+upstream then. ``silence_new()`` leaves established connections forwarding
+and never answers new ones, as an address that drops packets does for a
+client that connects (the failover tests: a primary gone silent while the
+sessions it had end). ``accepted`` records when each client connected.
 ``connect_delay`` (seconds) slows each new connection's set-up, as a
 distant or busy server does (the benchmarks' spike scenario).
 """
@@ -31,6 +34,7 @@ class Proxy:
         self._forwarding = threading.Event()
         self._forwarding.set()
         self._stopped = threading.Event()
+        self._silent_new = threading.Event()
         self._sockets: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
@@ -40,6 +44,10 @@ class Proxy:
 
     def resume(self) -> None:
         self._forwarding.set()
+        self._silent_new.clear()
+
+    def silence_new(self) -> None:
+        self._silent_new.set()
 
     def close(self) -> None:
         self._stopped.set()
@@ -60,6 +68,8 @@ class Proxy:
                 return
             self.accepted.append(time.monotonic())
             self._sockets.append(client)
+            if self._silent_new.is_set():
+                continue  # accepted and never answered (closed by close())
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:

@@ -212,7 +212,8 @@ class ThrowawayServer:
         """Prefix *argv* so that it runs as the unprivileged server user."""
         return as_user(self._run_as, argv)
 
-    def init(self) -> None:
+    def _prepare(self) -> Path:
+        """The server user, a temporary directory it owns, and a password file there."""
         if os.geteuid() == 0:
             name = os.environ.get("PGSERVER_USER", "postgres")
             try:
@@ -231,6 +232,11 @@ class ThrowawayServer:
             for p in (self._tmp, pwfile):
                 os.chown(p, self._run_as.pw_uid, self._run_as.pw_gid)
             self.bindir = self._reachable_bindir()
+        return pwfile
+
+    def init(self) -> None:
+        """A new cluster (initdb) in a temporary directory."""
+        pwfile = self._prepare()
         cmd = [
             str(self.bindir / "initdb"),
             "-D",

@@ -81,6 +81,11 @@ class ServerView:
     ours: list[ProcessSessions] = field(default_factory=list)
     others: int = 0  # client sessions not from a django_pooled_pg pool
     others_by_application: dict[str, int] = field(default_factory=dict)
+    role: str = "primary"  # or "standby" (in recovery)
+    #: A standby's replay lag in seconds: 0 when it has replayed all it
+    #: received, else the age of the last transaction it replayed (None: a
+    #: primary, or nothing replayed yet).
+    replay_lag: float | None = None
 
 
 _QUERY = """
@@ -91,17 +96,31 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 """
 
 
+# Replay lag as monitoring tools compute it: nothing to replay is no lag,
+# even when the primary has written nothing for a while.
+_SETTINGS_AND_ROLE = """
+SELECT current_setting('max_connections')::int,
+       current_setting('superuser_reserved_connections')::int,
+       pg_is_in_recovery(),
+       CASE WHEN NOT pg_is_in_recovery() THEN NULL
+            WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+            ELSE EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8
+       END
+"""
+
+
 def read_server_view(cursor: Any) -> ServerView:
     """Read and group pg_stat_activity with *cursor* (a DB-API cursor)."""
-    cursor.execute(
-        "SELECT current_setting('max_connections')::int, "
-        "current_setting('superuser_reserved_connections')::int"
-    )
-    max_connections, reserved = cursor.fetchone()
+    cursor.execute(_SETTINGS_AND_ROLE)
+    max_connections, reserved, in_recovery, lag = cursor.fetchone()
     cursor.execute(_QUERY)
     rows = cursor.fetchall()
     view = ServerView(
-        max_connections=max_connections, reserved=reserved, client_sessions=len(rows) + 1
+        max_connections=max_connections,
+        reserved=reserved,
+        client_sessions=len(rows) + 1,
+        role="standby" if in_recovery else "primary",
+        replay_lag=None if lag is None else max(0.0, lag),
     )
     groups: dict[tuple[str, int, str], ProcessSessions] = {}
     view.others = 1  # the session reading this

@@ -178,6 +178,29 @@ def pooler_families(report: Report) -> Iterator[Metric]:
         yield gauge
 
 
+def server_families(report: Report) -> Iterator[Metric]:
+    """The server each alias reaches (poolstats reads it; a scrape does not query servers)."""
+    views = [(a.alias, a.server) for a in report.aliases if a.server is not None]
+    if not views:
+        return
+    standby = GaugeMetricFamily(
+        PREFIX + "server_standby",
+        "1 if the alias's server is a standby (in recovery), 0 if a primary.",
+        labels=("alias",),
+    )
+    lag = GaugeMetricFamily(
+        PREFIX + "server_replay_lag_seconds",
+        "A standby's replay lag (0: it has replayed all it received).",
+        labels=("alias",),
+    )
+    for alias, view in views:
+        standby.add_metric([alias], 1 if view.role == "standby" else 0)
+        if view.replay_lag is not None:
+            lag.add_metric([alias], view.replay_lag)
+    yield standby
+    yield lag
+
+
 class ReportCollector(Collector):
     """The processes of a poolstats report (what ``--format prometheus`` prints)."""
 
@@ -188,6 +211,7 @@ class ReportCollector(Collector):
         report = self.get_report()
         yield from families([p for a in report.aliases for p in a.processes])
         yield from pooler_families(report)
+        yield from server_families(report)
 
 
 class PoolCollector(Collector):

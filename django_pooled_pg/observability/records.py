@@ -37,6 +37,7 @@ CLOSE_REASONS: tuple[str, ...] = (
     "idle",  # above min_size and unused for max_idle
     "broken",  # found closed by the server or network while idle, or a failed check
     "reset_failed",  # the session reset (or a user's reset callback) failed
+    "role_change",  # its server is no longer of the alias's role (server_role), or drained for it
     "fork",  # inherited by a forked child, which lets it go without I/O
     "shutdown",  # the pool was closed (exit, settings changed, test database dropped)
 )
@@ -128,6 +129,8 @@ class PoolConfig:
     fail_fast: bool
     leak_timeout: float | None
     pgbouncer: str | None = None  # (absent from processes of older versions)
+    server_role: str | None = None  # the role enforced (resolved from target_session_attrs)
+    drain_on_role_change: bool = True
 
     @classmethod
     def build(cls, database: tuple[str, str, str], user: str, shown: dict[str, Any]) -> PoolConfig:

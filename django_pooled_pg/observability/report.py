@@ -247,6 +247,7 @@ def _config_line(c: PoolConfig) -> str:
         f"fail_fast {_onoff(c.fail_fast)}, "
         f"leak_timeout {'off' if c.leak_timeout is None else f'{c.leak_timeout:g} s'}"
         + (f", behind PgBouncer in {c.pgbouncer} mode" if c.pgbouncer else "")
+        + (f", server_role {c.server_role}" if c.server_role else "")
     )
 
 
@@ -399,8 +400,12 @@ def _server_lines(a: AliasReport) -> list[str]:
     if v is None:
         return []
     used = v.client_sessions
+    role = v.role
+    if v.role == "standby":
+        lag = "unknown" if v.replay_lag is None else fmt_seconds(v.replay_lag)
+        role = f"standby, replay lag {lag}"
     lines = [
-        f"  server ({a.config.database}): {used} client sessions of max_connections "
+        f"  server ({a.config.database}): {role}; {used} client sessions of max_connections "
         f"{v.max_connections} ({v.reserved} reserved for superusers)"
     ]
     mine = [g for g in v.ours if g.alias == a.alias]
