@@ -163,6 +163,14 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         params["application_name"] = application_name(
             params.get("application_name"), HOSTNAME, os.getpid(), self.alias
         )
+        if (
+            "," in str(params.get("host") or "")
+            and roles.role_for(opts.server_role, self.settings_dict["OPTIONS"]) == roles.PRIMARY
+            and not opts.pgbouncer
+        ):
+            # Several hosts and no target_session_attrs: libpq would stay on
+            # the first that answers, standby or not; ask it for a writable one.
+            params.setdefault("target_session_attrs", "read-write")
         password = self.settings_dict["PASSWORD"]
         provider = opts.password_provider or (password if callable(password) else None)
         if provider is not None:

@@ -373,7 +373,8 @@ class PoolOptions:
         "SQLSTATE 25006. 'standby': a hot standby; a promoted one is discarded. 'any': "
         "no check (a replica alias). Default: from OPTIONS['target_session_attrs'] "
         "('read-write' and 'primary': 'primary'; 'standby': 'standby'; 'read-only', "
-        "'prefer-standby' and 'any': 'any'), 'primary' without it. See "
+        "'prefer-standby' and 'any': 'any'), 'primary' without it (a replica alias "
+        "sets target_session_attrs). Not judged behind a pooler. See "
         "docs/scaling-out.md.",
         summary="what server the sessions must be on: `'primary'`, `'standby'` or "
         "`'any'`; by default from `target_session_attrs`",
@@ -582,7 +583,7 @@ def parse(
 #: target_session_attrs that contradict a server_role (libpq connects only
 #: to servers of the other kind).
 _CONTRADICTS = {
-    "primary": ("standby", "read-only"),
+    "primary": ("standby", "read-only", "prefer-standby"),
     "standby": ("read-write", "primary"),
 }
 

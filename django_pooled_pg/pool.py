@@ -70,7 +70,11 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self.alias = alias
         #: What server the sessions must be on (roles.py): "primary", "standby" or "any".
         self.role = role
-        self._check_role = role != roles.ANY
+        # Not behind a pooler: it answers with the parameters of its first
+        # server login, whichever server a session now reaches.
+        self._check_role = role != roles.ANY and options.pgbouncer is None
+        # Idle connections taken out of _pool to be looked at (_sweep_idle, check).
+        self._set_aside = 0
         # When the last role change drained the pool (monotonic; 0: never).
         self._role_drained_at = 0.0
         #: The engine's own session settings (time zone, role) and where they travel.
@@ -264,7 +268,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._collect_reset(conn)
         if not session.socket_alive(conn):
             raise session.SessionBroken("the server closed the connection while it was idle")
-        if self._check_role and (why := roles.mismatch(conn.pgconn, self.role)):
+        if self._check_role and (why := roles.mismatch(conn, self.role)):
             raise roles.RoleChanged(why, server_wide=why is not roles.READ_ONLY)
         super()._check_connection(conn)
 
@@ -279,23 +283,24 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             watch.mark_clean(conn)
 
     def unavailable(self) -> ServerUnavailable | None:
-        """What a checkout fails with now under fail_fast (no I/O), or None.
+        """Whether a checkout has nothing to count on now (no I/O), for routers.
 
         A ServerUnavailable while every connection attempt since the last
-        success has failed and the pool holds no connection.
+        success has failed and no idle connection is left (those in use may
+        hang on a silent server: a checkout would wait for them), else None.
         """
         if not self.outage.ongoing:
             return None
-        if not self._leased and not self._holds_nothing():
+        if self._pool or self._parked:
             # Idle sessions the server may have ended since: their sockets tell.
             self._sweep_idle()
-        if self._holds_nothing():
+        if not (self._pool or self._parked or self._set_aside):
             return self.outage.unavailable(self.alias, self.role)
         return None
 
     def _holds_nothing(self) -> bool:
         """No connection idle, parked or in use: none could come back."""
-        return not (self._pool or self._parked or self._leased)
+        return not (self._pool or self._parked or self._leased or self._set_aside)
 
     def _exhausted(self, why: str, t0: float) -> PoolExhausted:
         return exhausted(
@@ -396,7 +401,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         25006 in the request's own read-only transaction or session
         discards only this connection.
         """
-        why = roles.mismatch(conn.pgconn, self.role)
+        why = roles.mismatch(conn, self.role)
         if why is roles.READ_ONLY and not roles.read_only_by_server(conn):
             why = None  # the request's own setting
         if why is None and not conn._dpp_read_only_error:
@@ -407,7 +412,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         else:
             logger.warning(
                 "pool %r: discarded a connection whose write failed as read-only "
-                "(SQLSTATE 25006) on a server that accepts writes",
+                "(SQLSTATE 25006), where the server reports nothing read-only",
                 self.name,
             )
         return True
@@ -425,15 +430,22 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         with self._lock:
             idle = list(self._pool)
             self._pool.clear()
-        alive = []
-        for conn in idle:
-            if session.socket_alive(conn):
-                alive.append(conn)
-            else:
-                self._stats[self._CONNECTIONS_LOST] += 1
-                self._replace(conn, "broken")
-        for conn in alive:
-            self._add_to_pool(conn)
+            self._set_aside += len(idle)
+        try:
+            while idle:
+                conn = idle.pop()
+                if session.socket_alive(conn):
+                    self._add_to_pool(conn)
+                else:
+                    self._stats[self._CONNECTIONS_LOST] += 1
+                    self._replace(conn, "broken")
+                with self._lock:
+                    self._set_aside -= 1
+        finally:
+            with self._lock:
+                self._set_aside -= len(idle)
+            for conn in idle:  # only after an unexpected error
+                self._add_to_pool(conn)
 
     def _unpark(self, idle_for: float = 0.0) -> int:
         """Move parked connections idle for *idle_for* seconds to the pool."""
@@ -542,14 +554,16 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # ALL keeps them and no callback needs the Django wrapper (whose use
         # here deadlocks Django's own pool, see DJANGO-NOTES: assume_role);
         # where a pooler refused them, they are set here (startup.py).
-        if self._check_role and (why := roles.mismatch(conn.pgconn, self.role)):
+        if self._check_role and (why := roles.refused(conn.pgconn, self.role)):
             # As libpq's target_session_attrs refuses one: a failed attempt,
             # retried in the background until the server's role is right.
             host, port = conn.info.host, conn.info.port
             conn.close()
             raise roles.WrongRole(
                 f"connection to server at {host!r}, port {port} refused by the "
-                f"pool: {why}, and alias {self.alias!r} needs server_role={self.role!r}"
+                f"pool: {why}, and alias {self.alias!r} needs server_role={self.role!r}. "
+                "For a read replica, set OPTIONS['target_session_attrs'] to 'read-only' "
+                "or 'prefer-standby' (or OPTIONS['pool']['server_role'] to 'any')"
             )
         if "TimeZone" in self.startup.by_sql:  # reported by the server (ParameterStatus)
             self.startup.server_default("TimeZone", conn.info.parameter_status("TimeZone"))
@@ -559,6 +573,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._check_for_pooler(conn)
         if self.options.configure is not None:
             self._configure_user(conn)
+        if self._check_role:
+            roles.remember_start(conn)
         if self._auto_reset:
             # What the engine and configure set is the session's starting point.
             watch.mark_clean(conn)
@@ -568,6 +584,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self.behind_pooler = found = session.behind_a_pooler(conn)
         if found:
             self.startup.restore_all_by_sql()
+            self._check_role = False  # see __init__
         if found and self.options.pgbouncer is None:
             logger.warning(
                 "pool %r: a pooler such as PgBouncer stands between the engine and "
@@ -690,17 +707,22 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         """As psycopg_pool's, after collecting resets pending on idle connections."""
         self._unpark()
         with self._lock:
+            # Out of the pool while their answers are read: no checkout (or
+            # sweep) touches them meanwhile.
             pending = [c for c in self._pool if c._dpp_reset_pending]
+            for conn in pending:
+                self._pool.remove(conn)
+            self._set_aside += len(pending)
         for conn in pending:
             try:
                 self._collect_reset(conn)
             except Exception as exc:
-                with self._lock:
-                    try:
-                        self._pool.remove(conn)
-                    except ValueError:
-                        continue  # taken by a checkout meanwhile, which checks it
                 self._replace(conn, session.close_reason(exc))
+            else:
+                self._add_to_pool(conn)
+            finally:
+                with self._lock:
+                    self._set_aside -= 1
         lost = self._stats[self._CONNECTIONS_LOST]
         super().check()
         # The base class drops the broken ones it finds, without closing them.

@@ -11,13 +11,16 @@ An alias's *server role* says what its sessions must be on:
 
 * ``"primary"``: a server that accepts writes (not a hot standby, not
   ``default_transaction_read_only``), as libpq's ``target_session_attrs``
-  ``read-write`` and ``primary`` require;
+  ``read-write`` requires (for ``primary``, libpq checks only the standby
+  flag; the pool checks both);
 * ``"standby"``: a hot standby, as ``target_session_attrs=standby``;
 * ``"any"``: no check (``read-only``, ``prefer-standby``, ``any``: libpq may
   choose either kind of server, and reads are served by both).
 
 Without ``target_session_attrs`` the role is ``"primary"``: Django writes
-through every alias the router does not send elsewhere.
+through every alias the router does not send elsewhere. Behind a pooler
+(PgBouncer caches the parameters of its first server login) the pool does
+not judge sessions by them.
 """
 
 from __future__ import annotations
@@ -72,25 +75,46 @@ def role_for(server_role: str | None, db_options: dict[str, Any]) -> str:
     return ROLE_OF_TARGET.get(target, ANY)
 
 
-def mismatch(pgconn: Any, role: str, server_wide_only: bool = False) -> str | None:
-    """Why the session cannot serve an alias of *role* (None: it can).
+def mismatch(conn: Any, role: str) -> str | None:
+    """Why the session *conn* cannot serve an alias of *role* (None: it can).
 
     Reads what the server last reported; a server that reports neither
-    parameter (before PostgreSQL 14, some poolers) is taken as it comes, and
-    a write there fails with SQLSTATE 25006 instead (see the pool).
-    *server_wide_only*: only what no session can set for itself (a request
-    may SET default_transaction_read_only; the session reset undoes it).
+    parameter (before PostgreSQL 14) is taken as it comes, and a write there
+    fails with SQLSTATE 25006 instead (see the pool). A session that started
+    read-only (the pool's ``configure`` set default_transaction_read_only)
+    is judged by the standby flag alone.
     """
+    pgconn = conn.pgconn
     if role == PRIMARY:
         if pgconn.parameter_status(_HOT_STANDBY) == _ON:
             return "the server is a hot standby (in_hot_standby=on)"
-        if not server_wide_only and pgconn.parameter_status(_READ_ONLY) == _ON:
+        if pgconn.parameter_status(_READ_ONLY) == _ON and conn._dpp_read_only_at_start != _ON:
             return READ_ONLY
         return None
     if role == STANDBY:
         hot = pgconn.parameter_status(_HOT_STANDBY)
         if hot is not None and hot != _ON:
             return "the server is not a standby any more (in_hot_standby=off)"
+    return None
+
+
+def remember_start(conn: Any) -> None:
+    """Note what a new session reports once configured (see mismatch())."""
+    conn._dpp_read_only_at_start = conn.pgconn.parameter_status(_READ_ONLY)
+
+
+def refused(pgconn: Any, role: str) -> str | None:
+    """Why a new session (before ``configure``) cannot serve an alias of *role*."""
+    if role == PRIMARY:
+        if pgconn.parameter_status(_HOT_STANDBY) == _ON:
+            return "the server is a hot standby (in_hot_standby=on)"
+        if pgconn.parameter_status(_READ_ONLY) == _ON:
+            return READ_ONLY
+        return None
+    if role == STANDBY:
+        hot = pgconn.parameter_status(_HOT_STANDBY)
+        if hot is not None and hot != _ON:
+            return "the server is not a standby (in_hot_standby=off)"
     return None
 
 
@@ -105,7 +129,7 @@ def read_only_by_server(conn: Any) -> bool:
             "SELECT source FROM pg_settings WHERE name = 'default_transaction_read_only'"
         ).fetchone()
     except psycopg.Error:
-        return True
+        return False  # a broken session: discard it alone
     return row is None or row[0] != "session"
 
 

@@ -9,10 +9,10 @@ Aliases come from the ``POOLED_PG_REPLICAS`` setting (default:
 instance (``ReplicaRouter(primary="default", replicas=["replica"])``).
 
 A replica that dies is known to be down after its pool's first failed
-connection attempt: the request that found it out fails with
-``ServerUnavailable`` (its ``alias`` says which); the reads after it go to
-the primary until the pool connects again, which it keeps trying in the
-background.
+connection attempt: the request that found it out fails with an
+``OperationalError`` (``ServerUnavailable``, whose ``alias`` says which,
+once the pool knows); the reads after it go to the primary until the pool
+connects again, which it keeps trying in the background.
 """
 
 from __future__ import annotations

@@ -59,6 +59,8 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_held: list[Any] | None = None
     # A write failed with SQLSTATE 25006 (read-only transaction): see the pool.
     _dpp_read_only_error: bool = False
+    # default_transaction_read_only as the new session reported it once configured (roles.py).
+    _dpp_read_only_at_start: bytes | None = None
 
 
 class SessionBroken(psycopg.OperationalError):

@@ -104,9 +104,9 @@ def test_the_replica_down_neither_blocks_nor_fails_the_primary_and_reads_fall_ba
     with primary_and_replica(pair) as (primary, replica):
         request(count)  # the replica's pool is open and holds a connection
         pair.standby.stop("immediate")
-        # The first read finds it out: ServerUnavailable names the alias.
+        # The first read finds it out (the server closed its session).
         t0 = time.monotonic()
-        with pytest.raises(OperationalError) as caught:
+        with pytest.raises(OperationalError):
             request(count)
         assert time.monotonic() - t0 < 2.0 + 2 + 0.5  # timeout + connect_timeout
         # Known once the pool's own connection attempt failed (at once when
@@ -114,8 +114,6 @@ def test_the_replica_down_neither_blocks_nor_fails_the_primary_and_reads_fall_ba
         down = wait_until(lambda: django_pooled_pg.unavailable(replica), timeout=2.5)
         assert down.alias == replica and down.server_role == "any"
         assert f"port {pair.standby.port}" in down.cause  # which server, and why
-        if isinstance(caught.value, django_pooled_pg.ServerUnavailable):
-            assert caught.value.alias == replica
         # From then on reads go to the primary, and writes never noticed.
         assert router.db_for_read(Counter) == primary
         for n in range(20):

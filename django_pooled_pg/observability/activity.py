@@ -82,9 +82,9 @@ class ServerView:
     others: int = 0  # client sessions not from a django_pooled_pg pool
     others_by_application: dict[str, int] = field(default_factory=dict)
     role: str = "primary"  # or "standby" (in recovery)
-    #: A standby's replay lag in seconds: 0 when it has replayed all it
-    #: received, else the age of the last transaction it replayed (None: a
-    #: primary, or nothing replayed yet).
+    #: A standby's replay lag in seconds: 0 when it streams and has replayed
+    #: all it received, else the age of the last transaction it replayed
+    #: (None: a primary, or nothing replayed yet).
     replay_lag: float | None = None
 
 
@@ -96,14 +96,18 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 """
 
 
-# Replay lag as monitoring tools compute it: nothing to replay is no lag,
-# even when the primary has written nothing for a while.
+# Replay lag as monitoring tools compute it: a standby that streams and has
+# replayed all it received has no lag, even when the primary has written
+# nothing for a while; one that does not stream (its primary gone, or the
+# status not visible to this user) is as old as its last replayed transaction.
 _SETTINGS_AND_ROLE = """
 SELECT current_setting('max_connections')::int,
        current_setting('superuser_reserved_connections')::int,
        pg_is_in_recovery(),
        CASE WHEN NOT pg_is_in_recovery() THEN NULL
-            WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+            WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+                 AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')
+            THEN 0
             ELSE EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8
        END
 """
