@@ -84,18 +84,12 @@ def mismatch(conn: Any, role: str) -> str | None:
     read-only (the pool's ``configure`` set default_transaction_read_only)
     is judged by the standby flag alone.
     """
-    pgconn = conn.pgconn
-    if role == PRIMARY:
-        if pgconn.parameter_status(_HOT_STANDBY) == _ON:
-            return "the server is a hot standby (in_hot_standby=on)"
-        if pgconn.parameter_status(_READ_ONLY) == _ON and conn._dpp_read_only_at_start != _ON:
-            return READ_ONLY
-        return None
-    if role == STANDBY:
-        hot = pgconn.parameter_status(_HOT_STANDBY)
-        if hot is not None and hot != _ON:
-            return "the server is not a standby any more (in_hot_standby=off)"
-    return None
+    return _why(conn.pgconn, role, conn._dpp_read_only_at_start != _ON)
+
+
+def refused(pgconn: Any, role: str) -> str | None:
+    """Why a new session (before ``configure``) cannot serve an alias of *role*."""
+    return _why(pgconn, role, True)
 
 
 def remember_start(conn: Any) -> None:
@@ -103,12 +97,11 @@ def remember_start(conn: Any) -> None:
     conn._dpp_read_only_at_start = conn.pgconn.parameter_status(_READ_ONLY)
 
 
-def refused(pgconn: Any, role: str) -> str | None:
-    """Why a new session (before ``configure``) cannot serve an alias of *role*."""
+def _why(pgconn: Any, role: str, read_only_counts: bool) -> str | None:
     if role == PRIMARY:
         if pgconn.parameter_status(_HOT_STANDBY) == _ON:
             return "the server is a hot standby (in_hot_standby=on)"
-        if pgconn.parameter_status(_READ_ONLY) == _ON:
+        if read_only_counts and pgconn.parameter_status(_READ_ONLY) == _ON:
             return READ_ONLY
         return None
     if role == STANDBY:

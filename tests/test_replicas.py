@@ -104,14 +104,22 @@ def test_the_replica_down_neither_blocks_nor_fails_the_primary_and_reads_fall_ba
     with primary_and_replica(pair) as (primary, replica):
         request(count)  # the replica's pool is open and holds a connection
         pair.standby.stop("immediate")
-        # The first read finds it out (the server closed its session).
-        t0 = time.monotonic()
-        with pytest.raises(OperationalError):
-            request(count)
-        assert time.monotonic() - t0 < 2.0 + 2 + 0.5  # timeout + connect_timeout
-        # Known once the pool's own connection attempt failed (at once when
+        # A read finds it out (the server closed its session; the postmaster
+        # may exit a moment before its last backends): it fails in time, and
+        # the pool's own connection attempt then fails too (at once when
         # refused; connect_timeout when the server is silent).
-        down = wait_until(lambda: django_pooled_pg.unavailable(replica), timeout=2.5)
+        failures = 0
+        end = time.monotonic() + 10
+        while (down := django_pooled_pg.unavailable(replica)) is None:
+            assert time.monotonic() < end, "the replica's pool never noticed"
+            t0 = time.monotonic()
+            try:
+                request(count)
+            except OperationalError:
+                failures += 1
+                assert time.monotonic() - t0 < 2.0 + 2 + 0.5  # timeout + connect_timeout
+            time.sleep(0.02)
+        assert failures <= 3  # those before the pool's own attempt failed (milliseconds)
         assert down.alias == replica and down.server_role == "any"
         assert f"port {pair.standby.port}" in down.cause  # which server, and why
         # From then on reads go to the primary, and writes never noticed.
