@@ -30,7 +30,14 @@ from .creation import DatabaseCreation
 from .errors import PERSISTENT_CONNECTIONS_MESSAGE, PoolExhausted
 from .observability.activity import application_name
 from .observability.records import HOSTNAME
-from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TCP_SETTINGS, OptionError, PoolOptions, parse
+from .options import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TCP_SETTINGS,
+    FLAT_PREFIX,
+    OptionError,
+    PoolOptions,
+    parse,
+)
 from .pool import DjangoPool
 from .session import PooledConnection
 from .startup import StartupSettings
@@ -72,6 +79,13 @@ class _ErrorWrapper(DatabaseErrorWrapper):
                 self.wrapper.alias,  # type: ignore[attr-defined]
             )
         super().__exit__(exc_type, exc_value, traceback)
+
+
+def _without_pool_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """Connection parameters without flat ``pool_<option>`` keys (pool options, not libpq's)."""
+    for key in [k for k in params if isinstance(k, str) and k.startswith(FLAT_PREFIX)]:
+        del params[key]
+    return params
 
 
 class DatabaseWrapper(PostgreSQLDatabaseWrapper):
@@ -153,7 +167,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
 
     def _pool_connection_params(self, opts: PoolOptions) -> dict[str, Any]:
         """libpq parameters of the pool's connections (a password may be a callable)."""
-        params = PostgreSQLDatabaseWrapper.get_connection_params(self)
+        params = _without_pool_keys(PostgreSQLDatabaseWrapper.get_connection_params(self))
         params["autocommit"] = True  # Django sets its own at checkout
         params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         for key, value in DEFAULT_TCP_SETTINGS.items():
@@ -268,7 +282,7 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         server-side poolers refuse. A checkout does not call this: the pool
         was given its parameters once (_create_pool).
         """
-        params: dict[str, Any] = super().get_connection_params()
+        params: dict[str, Any] = _without_pool_keys(super().get_connection_params())
         if callable(password := params.get("password")):
             params["password"] = password()
         elif (

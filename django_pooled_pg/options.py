@@ -426,15 +426,72 @@ def _suggest(name: str) -> str:
     return ""
 
 
-def _value_error(alias: str, opt: Option, value: Any) -> OptionError:
+#: Where a pool option is given: OPTIONS["pool"][name], or a flat
+#: OPTIONS["pool_<name>"] key (what DATABASE_URL parsers produce).
+FLAT_PREFIX = "pool_"
+
+
+def _path(alias: str, name: str, flat: bool) -> str:
+    if flat:
+        return f"DATABASES[{alias!r}]['OPTIONS']['{FLAT_PREFIX}{name}']"
+    return f"DATABASES[{alias!r}]['OPTIONS']['pool']['{name}']"
+
+
+def _value_error(alias: str, opt: Option, value: Any, flat: bool = False) -> OptionError:
     return OptionError(
         opt.name,
-        f"DATABASES[{alias!r}]['OPTIONS']['pool']['{opt.name}'] is {value!r}; "
-        f"it must be {opt.accepted}.",
+        f"{_path(alias, opt.name, flat)} is {value!r}; it must be {opt.accepted}.",
     )
 
 
-def _coerce(alias: str, opt: Option, value: Any) -> Any:
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_INT = re.compile(r"[+-]?\d+")
+
+
+def from_url(opt: Option, value: Any) -> Any:
+    """A flat key's value as a URL parser left it, in the option's type.
+
+    dj-database-url turns digit-only strings into ints and true/false into
+    bools; django-environ only the digits: floats, negatives, booleans and
+    ``none`` arrive as strings (and 0/1 as ints). Anything else is left for
+    the option's own check to refuse.
+    """
+    if opt.kind == "bool" and type(value) is int and value in (0, 1):
+        return bool(value)
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if opt.allow_none and text == "none":
+        return None
+    if opt.kind in ("bool", "conninfo") or (opt.kind == "choice" and True in opt.choices):
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    if opt.kind == "int" and _INT.fullmatch(text):
+        return int(text)
+    if opt.kind == "number":
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(alias: str, opt: Option, value: Any, flat: bool = False) -> Any:
+    try:
+        return _coerce_value(alias, opt, value)
+    except OptionError as exc:
+        if not flat:
+            raise
+        # The same message, naming the key the user wrote.
+        raise OptionError(
+            opt.name, str(exc).replace(_path(alias, opt.name, False), _path(alias, opt.name, True))
+        ) from None
+
+
+def _coerce_value(alias: str, opt: Option, value: Any) -> Any:
     if value is None and opt.allow_none:
         return None
     if opt.kind == "bool":
@@ -522,6 +579,34 @@ def parse(
         )
         raise errors[0]
 
+    db_options = db_options or {}
+    flat_given = {
+        key[len(FLAT_PREFIX) :]: value
+        for key, value in db_options.items()
+        if isinstance(key, str) and key.startswith(FLAT_PREFIX)
+    }
+    for name in flat_given:
+        if name not in BY_NAME:
+            close = difflib.get_close_matches(name, BY_NAME, n=1)
+            suggest = f" Did you mean '{FLAT_PREFIX}{close[0]}'?" if close else ""
+            errors.append(
+                OptionError(
+                    FLAT_PREFIX + name,
+                    f"DATABASES[{alias!r}]['OPTIONS'] has an unknown pool option "
+                    f"'{FLAT_PREFIX}{name}'.{suggest} Flat 'pool_<option>' keys are pool "
+                    f"options; valid options: {', '.join(sorted(BY_NAME))}.",
+                )
+            )
+        elif name in given:
+            errors.append(
+                OptionError(
+                    name,
+                    f"{_path(alias, name, True)} and {_path(alias, name, False)} both set "
+                    f"the pool option {name!r}; give it once.",
+                )
+            )
+    errors.extend(libpq_errors(alias, db_options))
+
     values: dict[str, Any] = {}
     for key in given:
         if key not in BY_NAME:
@@ -534,14 +619,17 @@ def parse(
                 )
             )
     for opt in OPTIONS:
-        if opt.name in given:
+        flat = opt.name in flat_given and opt.name not in given
+        if opt.name in given or flat:
+            value = from_url(opt, flat_given[opt.name]) if flat else given[opt.name]
             try:
-                values[opt.name] = _coerce(alias, opt, given[opt.name])
+                values[opt.name] = _coerce(alias, opt, value, flat)
             except OptionError as exc:
                 errors.append(exc)
                 values[opt.name] = opt.default
         else:
             values[opt.name] = opt.default
+    given = {**{name: v for name, v in flat_given.items() if name in BY_NAME}, **given}
 
     # min_size follows a small max_size: {"max_size": 1} alone must work.
     if "min_size" not in given and "max_size" in given:
@@ -559,7 +647,7 @@ def parse(
                 f"({values['min_size']!r}); max_size must be >= min_size.",
             )
         )
-    target = (db_options or {}).get("target_session_attrs")
+    target = db_options.get("target_session_attrs")
     role = values["server_role"]
     if role in _CONTRADICTS and target in _CONTRADICTS[role]:
         errors.append(
@@ -574,10 +662,61 @@ def parse(
     if values["pgbouncer"] == "transaction":
         if "reset_session" not in given:
             values["reset_session"] = False  # it would reset another client's server session
-        errors.extend(_transaction_pooling_errors(alias, values, db_options or {}))
+        errors.extend(_transaction_pooling_errors(alias, values, db_options))
     if errors:
         raise errors[0]
     return PoolOptions(check_given="check" in given, **values)
+
+
+#: OPTIONS keys that are not libpq's: psycopg's connect() arguments and
+#: Django's own (its postgresql backend takes them out before connecting).
+NOT_LIBPQ = frozenset(
+    {
+        "autocommit",
+        "prepare_threshold",
+        "context",
+        "row_factory",
+        "cursor_factory",
+        "pool",
+        "assume_role",
+        "isolation_level",
+        "server_side_binding",
+    }
+)
+
+
+def libpq_keywords() -> frozenset[str]:
+    """The connection parameters the libpq psycopg runs on knows (PQconndefaults)."""
+    global _libpq_keywords
+    if _libpq_keywords is None:
+        from psycopg import pq
+
+        _libpq_keywords = frozenset(d.keyword.decode() for d in pq.Conninfo.get_defaults())
+    return _libpq_keywords
+
+
+_libpq_keywords: frozenset[str] | None = None
+
+
+def libpq_errors(alias: str, db_options: Mapping[str, Any]) -> list[OptionError]:
+    """OPTIONS keys nothing takes: libpq would refuse every connection attempt
+    ("invalid connection option"), which the pool would report as an outage."""
+    known = libpq_keywords() | NOT_LIBPQ
+    errors = []
+    for key in db_options:
+        if not isinstance(key, str) or key.startswith(FLAT_PREFIX) or key in known:
+            continue
+        close = difflib.get_close_matches(key, known | {FLAT_PREFIX + n for n in BY_NAME}, n=1)
+        errors.append(
+            OptionError(
+                key,
+                f"DATABASES[{alias!r}]['OPTIONS'] has {key!r}, which is not a connection "
+                "parameter libpq knows, a psycopg or Django option, or a pool option"
+                + (f". Did you mean {close[0]!r}?" if close else ".")
+                + " Pool options go in OPTIONS['pool'] or as flat 'pool_<option>' keys.",
+            )
+        )
+    return errors
 
 
 #: target_session_attrs that contradict a server_role (libpq connects only
