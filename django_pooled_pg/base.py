@@ -37,6 +37,7 @@ from .options import (
     OptionError,
     PoolOptions,
     parse,
+    pool_switch,
 )
 from .pool import DjangoPool
 from .session import PooledConnection
@@ -90,9 +91,14 @@ def _without_pool_keys(params: dict[str, Any]) -> dict[str, Any]:
 
 class DatabaseWrapper(PostgreSQLDatabaseWrapper):
     creation_class = DatabaseCreation
+    #: OPTIONS keys a subclass takes out itself (in get_connection_params),
+    #: which are then not refused as unknown to libpq.
+    non_libpq_options: frozenset[str] = frozenset()
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = "default") -> None:
         options = settings_dict.setdefault("OPTIONS", {})
+        if "pool" in options:  # ?pool=false in a DATABASE_URL arrives as a string
+            options["pool"] = pool_switch(options["pool"])
         # Choosing the engine turns pooling on. Writing it into OPTIONS makes
         # every part of Django that reads OPTIONS["pool"] (feature flags,
         # test skips) see what the engine really does.
@@ -161,7 +167,12 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         try:
             options = self.settings_dict["OPTIONS"]
             # No "pool" key (OPTIONS replaced after __init__) is pooling on, as in pooled.
-            return parse(self.alias, options.get("pool", True), db_options=options)
+            return parse(
+                self.alias,
+                options.get("pool", True),
+                db_options=options,
+                also_known=self.non_libpq_options,
+            )
         except OptionError as exc:
             raise ImproperlyConfigured(str(exc)) from None
 

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core import checks
 
 from .errors import PERSISTENT_CONNECTIONS_MESSAGE
-from .options import collect_errors
+from .options import collect_errors, libpq_errors, pool_switch
 
 ENGINE = "django_pooled_pg"
 
@@ -24,10 +24,12 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
     for alias, db in getattr(settings, "DATABASES", {}).items():
         if db.get("ENGINE") != ENGINE:
             continue
-        raw = (db.get("OPTIONS") or {}).get("pool", True)
-        if raw is False:
-            continue
-        for error in collect_errors(alias, raw, db.get("OPTIONS") or {}):
+        options = db.get("OPTIONS") or {}
+        raw = pool_switch(options.get("pool", True))
+        errors = (
+            libpq_errors(alias, options) if raw is False else collect_errors(alias, raw, options)
+        )
+        for error in errors:
             messages.append(
                 checks.Error(str(error), obj=f"DATABASES[{alias!r}]", id="django_pooled_pg.E001")
             )

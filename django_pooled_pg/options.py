@@ -457,18 +457,23 @@ def from_url(opt: Option, value: Any) -> Any:
     ``none`` arrive as strings (and 0/1 as ints). Anything else is left for
     the option's own check to refuse.
     """
-    if opt.kind == "bool" and type(value) is int and value in (0, 1):
-        return bool(value)
+    takes_bool = opt.kind in ("bool", "conninfo") or (opt.kind == "choice" and True in opt.choices)
+    if takes_bool and type(value) is int and value in (0, 1):
+        value = bool(value)
+    if opt.kind == "conninfo" and value is False:
+        return None  # off
+    if opt.kind == "str" and isinstance(value, (int, bool)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
     if not isinstance(value, str):
         return value
     text = value.strip().lower()
     if opt.allow_none and text == "none":
         return None
-    if opt.kind in ("bool", "conninfo") or (opt.kind == "choice" and True in opt.choices):
+    if takes_bool:
         if text in _TRUE:
             return True
         if text in _FALSE:
-            return False
+            return None if opt.kind == "conninfo" else False
     if opt.kind == "int" and _INT.fullmatch(text):
         return int(text)
     if opt.kind == "number":
@@ -541,6 +546,17 @@ def _coerce_value(alias: str, opt: Option, value: Any) -> Any:
     return float(value) if opt.kind == "number" else value
 
 
+def pool_switch(value: Any) -> Any:
+    """``OPTIONS["pool"]`` as a URL parser may give it (``?pool=false``): the
+    strings ``'false'``/``'true'`` (any case) and 0/1 are the bools; anything
+    else as it is, for parse() to refuse."""
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
 def collect_errors(
     alias: str, raw: Any, db_options: Mapping[str, Any] | None = None
 ) -> list[OptionError]:
@@ -556,6 +572,7 @@ def parse(
     raw: Any,
     collect: list[OptionError] | None = None,
     db_options: Mapping[str, Any] | None = None,
+    also_known: frozenset[str] = frozenset(),
 ) -> PoolOptions:
     """Validate ``OPTIONS["pool"]`` (absent, True or a dict) into PoolOptions.
 
@@ -605,7 +622,7 @@ def parse(
                     f"the pool option {name!r}; give it once.",
                 )
             )
-    errors.extend(libpq_errors(alias, db_options))
+    errors.extend(libpq_errors(alias, db_options, also_known))
 
     values: dict[str, Any] = {}
     for key in given:
@@ -629,7 +646,8 @@ def parse(
                 values[opt.name] = opt.default
         else:
             values[opt.name] = opt.default
-    given = {**{name: v for name, v in flat_given.items() if name in BY_NAME}, **given}
+    flat_names = {name for name in flat_given if name in BY_NAME and name not in given}
+    given = {**{name: flat_given[name] for name in flat_names}, **given}
 
     # min_size follows a small max_size: {"max_size": 1} alone must work.
     if "min_size" not in given and "max_size" in given:
@@ -642,7 +660,7 @@ def parse(
         errors.append(
             OptionError(
                 "max_size",
-                f"DATABASES[{alias!r}]['OPTIONS']['pool']['max_size'] is "
+                f"{_path(alias, 'max_size', 'max_size' in flat_names)} is "
                 f"{values['max_size']!r}, smaller than min_size "
                 f"({values['min_size']!r}); max_size must be >= min_size.",
             )
@@ -653,7 +671,7 @@ def parse(
         errors.append(
             OptionError(
                 "server_role",
-                f"DATABASES[{alias!r}]['OPTIONS']['pool']['server_role'] is {role!r}, but "
+                f"{_path(alias, 'server_role', 'server_role' in flat_names)} is {role!r}, but "
                 f"DATABASES[{alias!r}]['OPTIONS']['target_session_attrs'] is {target!r}: "
                 "libpq would connect only to servers the pool then refuses. Remove "
                 "server_role (it follows target_session_attrs) or make them agree.",
@@ -662,7 +680,7 @@ def parse(
     if values["pgbouncer"] == "transaction":
         if "reset_session" not in given:
             values["reset_session"] = False  # it would reset another client's server session
-        errors.extend(_transaction_pooling_errors(alias, values, db_options))
+        errors.extend(_transaction_pooling_errors(alias, values, db_options, flat_names))
     if errors:
         raise errors[0]
     return PoolOptions(check_given="check" in given, **values)
@@ -698,13 +716,20 @@ def libpq_keywords() -> frozenset[str]:
 _libpq_keywords: frozenset[str] | None = None
 
 
-def libpq_errors(alias: str, db_options: Mapping[str, Any]) -> list[OptionError]:
+def libpq_errors(
+    alias: str, db_options: Mapping[str, Any], also_known: frozenset[str] = frozenset()
+) -> list[OptionError]:
     """OPTIONS keys nothing takes: libpq would refuse every connection attempt
-    ("invalid connection option"), which the pool would report as an outage."""
-    known = libpq_keywords() | NOT_LIBPQ
+    ("invalid connection option"), which the pool would report as an outage.
+
+    A key set to None is left out of the connection string by psycopg, and
+    *also_known* are keys a subclass of the wrapper takes itself
+    (``DatabaseWrapper.non_libpq_options``).
+    """
+    known = libpq_keywords() | NOT_LIBPQ | also_known
     errors = []
-    for key in db_options:
-        if not isinstance(key, str) or key.startswith(FLAT_PREFIX) or key in known:
+    for key, value in db_options.items():
+        if not isinstance(key, str) or key.startswith(FLAT_PREFIX) or key in known or value is None:
             continue
         close = difflib.get_close_matches(key, known | {FLAT_PREFIX + n for n in BY_NAME}, n=1)
         errors.append(
@@ -745,17 +770,21 @@ def startup_settings_of(options: str) -> list[str]:
 
 
 def _transaction_pooling_errors(
-    alias: str, values: dict[str, Any], db_options: Mapping[str, Any]
+    alias: str,
+    values: dict[str, Any],
+    db_options: Mapping[str, Any],
+    flat_names: set[str] | frozenset[str] = frozenset(),
 ) -> list[OptionError]:
     """What cannot be kept safe through PgBouncer in transaction mode, and what to do."""
     where = f"DATABASES[{alias!r}]['OPTIONS']"
-    mode = f"{where}['pool']['pgbouncer'] is 'transaction'"
+    mode = f"{_path(alias, 'pgbouncer', 'pgbouncer' in flat_names)} is 'transaction'"
     errors = []
     if values["reset_session"]:
         errors.append(
             OptionError(
                 "reset_session",
-                f"{where}['pool']['reset_session'] is {values['reset_session']!r}, but "
+                f"{_path(alias, 'reset_session', 'reset_session' in flat_names)} is "
+                f"{values['reset_session']!r}, but "
                 f"{mode}: PgBouncer hands "
                 "each transaction to any server connection, so a session reset would "
                 "reset another client's server connection, not this one. Remove "

@@ -16,32 +16,44 @@ or ``env.db(engine="django_pooled_pg")`` with a ``postgres://`` URL.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 #: The URL schemes that select django_pooled_pg.
 SCHEMES = ("pooled-postgres", "pooled-postgresql")
 ENGINE = "django_pooled_pg"
 
 
+def _optional(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def register() -> None:
     """Teach dj-database-url and django-environ (those installed) the schemes; idempotent."""
-    try:
-        import dj_database_url
-    except ImportError:
-        pass
-    else:
+    dj_database_url: Any = _optional("dj_database_url")
+    # dj-database-url 1.0+ (register() and ENGINE_SCHEMES); older releases
+    # have neither, and a module of that name from another package neither.
+    register_scheme = getattr(dj_database_url, "register", None)
+    known = getattr(dj_database_url, "ENGINE_SCHEMES", None)
+    if callable(register_scheme) and isinstance(known, dict) and "postgres" in known:
         # The postgres scheme's own postprocessing (currentSchema -> search_path).
-        postgres = dj_database_url.ENGINE_SCHEMES["postgres"].postprocess
+        postgres = known["postgres"].postprocess
         for scheme in SCHEMES:
-            dj_database_url.register(scheme, ENGINE)(postgres)
-    try:
-        import environ
-    except ImportError:
-        pass
-    else:
+            register_scheme(scheme, ENGINE)(postgres)
+    environ: Any = _optional("environ")
+    # django-environ's Env; the environ-config package has a module of the same name.
+    env = getattr(environ, "Env", None)
+    schemes = getattr(env, "DB_SCHEMES", None)
+    family = getattr(env, "POSTGRES_FAMILY", None)
+    if isinstance(schemes, dict) and isinstance(family, list):
         for scheme in SCHEMES:
-            environ.Env.DB_SCHEMES[scheme] = ENGINE
+            schemes[scheme] = ENGINE
             # The postgres family: multi-host netlocs, socket paths as HOST.
-            if scheme not in environ.Env.POSTGRES_FAMILY:
-                environ.Env.POSTGRES_FAMILY.append(scheme)
+            if scheme not in family:
+                family.append(scheme)
 
 
 register()

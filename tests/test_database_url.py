@@ -189,3 +189,61 @@ def test_a_libpq_typo_is_a_configuration_error_not_an_outage(make_wrapper: Make)
         ImproperlyConfigured, match="'connect_timout'.*Did you mean 'connect_timeout'"
     ):
         wrapper.ensure_connection()
+
+
+@pytest.mark.parametrize(
+    "query, option, value",
+    [
+        ("pool_reset_session=0", "reset_session", False),
+        ("pool_reset_session=1", "reset_session", True),
+        ("pool_reset_session=auto", "reset_session", "auto"),
+        ("pool_name=2024", "name", "2024"),
+        ("pool_fail_fast=1", "fail_fast", True),
+        ("pool_leak_timeout=none", "leak_timeout", None),
+        ("pool_pgbouncer_admin=false", "pgbouncer_admin", None),
+        ("pool_pgbouncer_admin=1", "pgbouncer_admin", True),
+    ],
+)
+@pytest.mark.parametrize("library", ["dj-database-url", "django-environ"])
+def test_what_each_library_really_gives_is_read(
+    library: str, query: str, option: str, value: Any
+) -> None:
+    parsed = parse_with(library, url("postgres", query), engine="django_pooled_pg")
+    got = getattr(pool_options_of(parsed["OPTIONS"]), option)
+    assert got == value and type(got) is type(value), (parsed["OPTIONS"], got)
+
+
+@pytest.mark.parametrize("library", ["dj-database-url", "django-environ"])
+def test_pool_false_in_a_url_turns_pooling_off(library: str) -> None:
+    parsed = parse_with(library, url("postgres", "pool=false"), engine="django_pooled_pg")
+    wrapper = DatabaseWrapper(settings_from(parsed), "url")
+    assert wrapper.pooled is False and wrapper.pool is None
+
+
+def test_an_error_between_two_options_names_the_keys_written() -> None:
+    with pytest.raises(ImproperlyConfigured) as caught:
+        pool_options_of({"pool_min_size": "5", "pool_max_size": "2"})
+    assert "['OPTIONS']['pool_max_size'] is 2, smaller than min_size" in str(caught.value)
+
+
+def test_an_unknown_key_set_to_none_is_left_out_as_psycopg_leaves_it() -> None:
+    assert pool_options_of({"not_a_libpq_key": None}).max_size == 10
+
+
+def test_a_subclass_may_take_options_of_its_own() -> None:
+    class IamWrapper(DatabaseWrapper):
+        non_libpq_options = frozenset({"iam_region"})
+
+    s = db_settings()
+    s["OPTIONS"] = {**s["OPTIONS"], "pool": True, "iam_region": "eu-west-1"}
+    assert IamWrapper(s, "iam").pool_options().max_size == 10
+    with pytest.raises(ImproperlyConfigured, match="'iam_region'"):
+        DatabaseWrapper(s, "plain").pool_options()
+
+
+def test_the_system_check_names_a_libpq_typo_with_pooling_off(settings) -> None:
+    s = db_settings()
+    s["OPTIONS"] = {**s["OPTIONS"], "pool": False, "sslmod": "require"}
+    settings.DATABASES = {**settings.DATABASES, "nopool": s}
+    messages = [m.msg for m in check_pool_options() if "DATABASES['nopool']" in m.msg]
+    assert len(messages) == 1 and "'sslmod'" in messages[0], messages
