@@ -268,13 +268,18 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self._collect_reset(conn)
         if not session.socket_alive(conn):
             raise session.SessionBroken("the server closed the connection while it was idle")
-        if self._check_role and (why := roles.mismatch(conn, self.role)):
-            raise roles.RoleChanged(why, server_wide=why is not roles.READ_ONLY)
+        if self._check_role:
+            # Checked at return; since then only a collected reset or a
+            # check() can have brought news (they clear the flag).
+            if not conn._dpp_role_checked and (why := roles.mismatch(conn, self.role)):
+                raise roles.RoleChanged(why, server_wide=why is not roles.READ_ONLY)
+            conn._dpp_role_checked = False  # the request may hear a change
         super()._check_connection(conn)
 
     def _collect_reset(self, conn: PooledConnection) -> None:
         deadline = conn._dpp_deadline or monotonic() + self.timeout
         session.collect_reset(conn, deadline, self.timeout)
+        conn._dpp_role_checked = False  # its answer carries what RESET ALL restored
         # The engine's own settings rode with the reset (send_reset); the
         # user's configure runs again, so that what it sets survives resets.
         if self.options.configure is not None:
@@ -369,8 +374,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             logger.info("pool %r: discarding expired connection", self.name)
             self._replace(conn, self._expiry_reason(conn))
             return
-        if self._check_role and self._returned_on_wrong_server(conn):
-            return
+        if self._check_role:
+            if self._returned_on_wrong_server(conn):
+                return
+            conn._dpp_role_checked = True
         try:
             done = session.send_reset(
                 conn, self._reset, self.options.reset_session, self.startup.sql
@@ -723,6 +730,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             finally:
                 with self._lock:
                     self._set_aside -= 1
+        with self._lock:
+            for conn in self._pool:
+                conn._dpp_role_checked = False  # the check's query may bring news
         lost = self._stats[self._CONNECTIONS_LOST]
         super().check()
         # The base class drops the broken ones it finds, without closing them.

@@ -4,8 +4,9 @@ PostgreSQL 14+ reports ``in_hot_standby`` and ``default_transaction_read_only``
 to the client (``ParameterStatus``) when a session starts and whenever they
 change; libpq keeps the last values, free to read. An idle session hears of
 a change (a promotion, a primary fenced read-only and reloaded) only with
-the answer to its next query, so the pool reads them at each checkout and
-return: a session an earlier request saw turn read-only never serves another.
+the answer to its next query, so the pool reads them at each return and at
+the checkout after anything ran on an idle session (a reset, a check): a
+session an earlier request saw turn read-only never serves another.
 
 An alias's *server role* says what its sessions must be on:
 

@@ -61,6 +61,8 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_read_only_error: bool = False
     # default_transaction_read_only as the new session reported it once configured (roles.py).
     _dpp_read_only_at_start: bytes | None = None
+    # The role check at return passed and nothing was heard since (pool.py).
+    _dpp_role_checked: bool = False
 
 
 class SessionBroken(psycopg.OperationalError):
