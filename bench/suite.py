@@ -421,8 +421,90 @@ def worker_interleaved(args: dict[str, Any]) -> dict[str, Any]:
     return {aliases[a]: statistics.median(t) * 1e6 for a, t in times.items()}
 
 
+#: The holders settings the "holders" scenario runs side by side in one process.
+HOLDERS = {
+    "holders=False": False,
+    "holders='context', request's view known": "context",
+    "holders=True, request's view known": True,
+    "holders=True, stack walk": True,
+}
+
+
+def worker_holders(args: dict[str, Any]) -> dict[str, Any]:
+    """What charging checkouts to holders costs: a checkout and its return
+    through Django's wrapper on one alias per setting, alternating batches (as
+    "interleaved"). "known" runs inside a holder cell, as a request behind
+    HolderMiddleware, a Celery task or a command does; "stack walk" outside
+    one, so each checkout walks the stack from the ORM up to this module."""
+    import timeit
+
+    from django.conf import settings
+
+    server = throwaway.database_settings()
+    aliases = {f"h{i}": name for i, name in enumerate(HOLDERS)}
+    dbs = {
+        a: database("ours (defaults)", server, min_size=1, max_size=1, pool={"holders": HOLDERS[n]})
+        for a, n in aliases.items()
+    }
+    settings.configure(
+        DATABASES={"default": dbs["h0"], **dbs}, USE_TZ=True, TIME_ZONE="UTC", INSTALLED_APPS=[]
+    )
+    import django
+
+    django.setup()
+    from django.db import connections
+
+    from django_pooled_pg import holders
+
+    def cycle(alias: str) -> Any:
+        c = connections[alias]
+
+        def run() -> None:
+            # Checkout and return only: a query's round trip would drown the
+            # difference in the machine's noise.
+            c.ensure_connection()
+            c.close()
+
+        if aliases[alias].endswith("stack walk"):
+            return run
+
+        def known() -> None:
+            with holders.holding("bench.view"):
+                run()
+
+        return known
+
+    runs = {a: cycle(a) for a in aliases}
+    for run in runs.values():
+        for _ in range(300):
+            run()  # warm
+    batch = args.get("batch", 200)
+    times: dict[str, list[float]] = {a: [] for a in aliases}
+    order = list(aliases)
+    for r in range(args.get("rounds", 40)):
+        for a in order[r % len(order) :] + order[: r % len(order)]:
+            times[a].append(timeit.timeit(runs[a], number=batch) / batch)
+    out = {aliases[a]: statistics.median(t) * 1e6 for a, t in times.items()}
+    # The parts alone: entering a holder cell (per request, not per
+    # checkout), and what a checkout asks (a cell is set; none is: the walk).
+    n = 200_000
+    out["enter and leave a holder cell (us)"] = (
+        min(timeit.repeat(lambda: holders.leave(holders.enter("x")), number=n, repeat=5)) / n * 1e6
+    )
+    token = holders.enter("x")
+    out["holder() with a cell (us)"] = (
+        min(timeit.repeat(lambda: holders.holder(True), number=n, repeat=5)) / n * 1e6
+    )
+    holders.leave(token)
+    out["holder() walking this stack (us)"] = (
+        min(timeit.repeat(lambda: holders.holder(True), number=n // 10, repeat=5)) / (n // 10) * 1e6
+    )
+    return out
+
+
 WORKERS = {
     "interleaved": worker_interleaved,
+    "holders": worker_holders,
     "classifier": worker_classifier,
     "cycle": worker_cycle,
     "oversubscribed": worker_oversubscribed,
@@ -582,6 +664,27 @@ def run_interleaved(rounds: int) -> dict[str, Any]:
             ["strategy", "us/cycle", "speed x persistent", "x reset off", "x django pool"],
             rows,
         )
+    return out
+
+
+def run_holders(rounds: int) -> dict[str, Any]:
+    """Attribution on vs off, per checkout (issue 21's target: under 1 us when known)."""
+    runs = [measure("holders") for _ in range(rounds)]
+    out = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    off = out["holders=False"]
+    rows = [[n, f"{out[n]:.2f}", f"{out[n] - off:+.2f}", f"{off / out[n]:.3f}"] for n in HOLDERS]
+    table(
+        f"holders: us per checkout + return through Django's wrapper, 1 thread, "
+        f"max_size=1 (medians of 40 alternating batches, medians of {rounds} processes)",
+        ["setting", "us/cycle", "us vs off", "speed x off"],
+        rows,
+    )
+    parts = [k for k in out if k not in HOLDERS]
+    table(
+        "holders: the parts alone (best of 5)",
+        ["what", "us"],
+        [[k, f"{out[k]:.3f}"] for k in parts],
+    )
     return out
 
 
@@ -977,6 +1080,7 @@ def main() -> int:
             "dirty",
             "interleaved",
             "classifier",
+            "holders",
             "oversubscribed",
             "spike",
             "e2e",
@@ -1029,6 +1133,7 @@ def main() -> int:
         ("dirty", lambda: run_dirty(args.rounds, args.requests)),
         ("interleaved", lambda: run_interleaved(max(args.rounds // 2, 3))),
         ("classifier", lambda: run_classifier(max(args.rounds // 2, 3))),
+        ("holders", lambda: run_holders(max(args.rounds // 2, 3))),
         ("oversubscribed", lambda: run_oversubscribed(strategies, args.rounds, args.requests)),
         ("spike", lambda: run_spike(strategies, max(args.rounds // 2, 3))),
         ("e2e", lambda: run_e2e(max(args.rounds, 3), args.e2e_seconds)),

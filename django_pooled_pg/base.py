@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import weakref
@@ -42,6 +43,10 @@ from .options import (
 from .pool import DjangoPool
 from .session import PooledConnection
 from .startup import StartupSettings
+
+#: Celery's Django fix-up: its per-task close_pool() is declined (see
+#: DatabaseWrapper.close_pool; tests/test_celery_asgi.py fails if it moves).
+CELERY_FIXUP = "celery.fixups.django"
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -277,7 +282,19 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
         )
 
     def close_pool(self) -> None:
-        """Close this alias's pools in this process; never creates one."""
+        """Close this alias's pools in this process; never creates one.
+
+        Except when Celery's Django fix-up asks: since Celery 5.6 it calls
+        close_pool() around every task of a prefork worker, because Django's
+        own pool is not fork-safe (celery/celery#10554). Ours is (a forked
+        child lets go of what it inherited, registry.py), so closing would
+        only make every task connect anew: the task's connection is returned
+        by the close() it calls just before, and the pool stays.
+        """
+        caller = inspect.currentframe()
+        caller = caller.f_back if caller is not None else None
+        if caller is not None and caller.f_globals.get("__name__") == CELERY_FIXUP:
+            return
         if self.connection is not None and isinstance(self.connection, PooledConnection):
             self.close()
         registry.close_matching(lambda p: p.alias == self.alias)

@@ -33,7 +33,7 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
             messages.append(
                 checks.Error(str(error), obj=f"DATABASES[{alias!r}]", id="django_pooled_pg.E001")
             )
-        if db.get("CONN_MAX_AGE", 0) != 0:
+        if raw is not False and db.get("CONN_MAX_AGE", 0) != 0:  # pooling off: Django's own
             messages.append(
                 checks.Error(
                     f"DATABASES[{alias!r}]['CONN_MAX_AGE'] is {db['CONN_MAX_AGE']!r}. "

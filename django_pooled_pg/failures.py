@@ -78,7 +78,7 @@ class Outage:
         failing_for = self.failing_for()
         return ServerUnavailable(
             f"Database alias {alias!r} is unavailable: connection attempts have "
-            f"failed for {failing_for:.1f} s, the last with: {self.cause}. "
+            f"failed for {failing_for:.1f} s, the last with: {self.cause.rstrip('.')}. "
             "The pool keeps retrying and serves again as soon as one succeeds "
             "(pool option fail_fast=False makes checkouts wait up to timeout instead).",
             alias=alias,
@@ -98,8 +98,13 @@ def exhausted(
     waiting: int,
     waited: float,
     outage: Outage,
+    holders: list[tuple[str, float]] | None = None,
 ) -> PoolExhausted:
-    """PoolExhausted with the pool's state and what to do, logged at WARNING."""
+    """PoolExhausted with the pool's state and what to do, logged at WARNING.
+
+    *holders*: (holder, seconds held) of the connections in use, longest first.
+    """
+    held_by = f" Held by: {describe_holders(holders)}." if holders else ""
     cause = ""
     if outage.ongoing:
         cause = (
@@ -107,18 +112,19 @@ def exhausted(
             f"{outage.failing_for():.1f} s: {outage.cause}."
         )
     logger.warning(
-        "pool %r exhausted: %s (max_size=%d, in use=%d, waiting=%d, waited %.2f s)",
+        "pool %r exhausted: %s (max_size=%d, in use=%d, waiting=%d, waited %.2f s)%s",
         name,
         why,
         max_size,
         in_use,
         waiting,
         waited,
+        held_by,
     )
     return PoolExhausted(
         f"Connection pool for database alias {alias!r} exhausted: {why} "
         f"(max_size={max_size}, in use={in_use}, waiting={waiting}, "
-        f"waited {waited:.2f} s).{cause} Return connections sooner, raise "
+        f"waited {waited:.2f} s).{held_by}{cause} Return connections sooner, raise "
         "max_size, or raise timeout.",
         alias=alias,
         max_size=max_size,
@@ -126,3 +132,19 @@ def exhausted(
         waiting=waiting,
         waited=waited,
     )
+
+
+def describe_holders(holders: list[tuple[str, float]], most: int = 5) -> str:
+    """``demoapp.views.report x3 (longest 4.2 s), ...``: who holds the connections."""
+    by_name: dict[str, list[float]] = {}
+    for name, seconds in holders:
+        by_name.setdefault(name, []).append(seconds)
+    ranked = sorted(by_name.items(), key=lambda item: (-len(item[1]), -max(item[1])))
+    parts = [
+        f"{name} x{len(held)} (longest {max(held):.1f} s)" if len(held) > 1 else
+        f"{name} ({held[0]:.1f} s)"
+        for name, held in ranked[:most]
+    ]  # fmt: skip
+    if len(ranked) > most:
+        parts.append(f"{len(ranked) - most} more")
+    return ", ".join(parts)

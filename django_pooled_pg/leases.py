@@ -151,13 +151,15 @@ def find_leaks(
         if stack is None:
             continue  # returned meanwhile
         conn._dpp_leak_reported = True
-        recorder.leaked()
+        holder = conn._dpp_holder
+        recorder.leaked(holder.name if holder is not None else None)
         where = "".join(traceback.StackSummary.from_list(list(reversed(stack))).format())
         logger.warning(
-            "pool %r: a connection has been checked out for %.1f s (leak_timeout=%g); "
+            "pool %r: a connection has been checked out for %.1f s by %s (leak_timeout=%g); "
             "it was checked out at:\n%s",
             pool_name,
             now - conn._dpp_out_at,
+            holder.name if holder is not None else "an unknown holder (holders=False)",
             limit,
             where,
         )

@@ -303,6 +303,23 @@ class PoolOptions:
         allow_none=True,
         shown=True,
     )
+    holders: bool | str = _option(
+        default=True,
+        accepted="True, 'context' or False",
+        doc="Charge each checkout to its holder, for manage.py poolstats --holders, "
+        "the leak report and PoolExhausted: the resolved view (with "
+        "django_pooled_pg.middleware.HolderMiddleware), the Celery task, the "
+        "management command, else (True) the first caller outside Django and this "
+        "package, found by walking the stack (microseconds). 'context': no stack "
+        "walk; unnamed checkouts are charged to '(unknown)'. False: off. See "
+        "docs/observability.md, 'Who holds the pool'.",
+        summary="charge each checkout to its view, Celery task, command or caller "
+        "(`poolstats --holders`)",
+        kind="choice",
+        bad_example="yes",
+        shown=True,
+        choices=(True, "context", False),
+    )
     log_waits_over: float | None = _option(
         default=1.0,
         accepted="a number of seconds > 0, or None (off)",

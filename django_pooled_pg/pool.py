@@ -23,6 +23,7 @@ exhaustion), ``observability.records`` (what the pool reports, through its
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -35,7 +36,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, Schedule
 
-from . import leases, roles, session, watch
+from . import holders, leases, roles, session, trace, watch
 from .errors import PoolExhausted, ServerUnavailable
 from .failures import Outage, ReconnectAttempt, exhausted
 from .observability import records
@@ -44,6 +45,12 @@ from .session import IDLE, UNKNOWN, PooledConnection
 from .startup import StartupOptionsRefused, StartupSettings
 
 logger = logging.getLogger("django_pooled_pg")
+
+#: Called once per pool with its first new connection to a server (not a
+#: pooler), by what watches the pools: the app checks there that the
+#: deployment fits the server's max_connections. Each must leave the
+#: connection idle; what one raises is logged, never raised.
+FIRST_CONNECTION_HOOKS: list[Callable[[DjangoPool, PooledConnection], None]] = []
 
 
 class DjangoPool(ConnectionPool[PooledConnection]):
@@ -73,6 +80,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # Not behind a pooler: it answers with the parameters of its first
         # server login, whichever server a session now reaches.
         self._check_role = role != roles.ANY and options.pgbouncer is None
+        # Counts the first connections configured (next() is atomic): hooks run once.
+        self._first_connections = itertools.count()
         # Idle connections taken out of _pool to be looked at (_sweep_idle, check).
         self._set_aside = 0
         # When the last role change drained the pool (monotonic; 0: never).
@@ -93,14 +102,19 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         record = records.record_for(alias)
         record.config = self.config
         #: Where the pool reports what it does (records nothing with stats off).
-        self.recorder: records.Recorder = record if options.stats else records.NOT_RECORDING
+        self.recorder = records.recorder_for(alias, options.name or alias, options.stats)
         # Checkouts waiting for a connection: thread id -> since when.
         self._waits: dict[int, float] = {}
+        # Of those, the ones that found nothing idle and queued (holders' wait caused).
+        self._queued: dict[int, float] = {}
         self.outage = Outage()
         self._leased: set[PooledConnection] = set()
         # Returned by a thread and kept for its next checkout (see release()).
         self._parked: dict[PooledConnection, float] = {}
         self._local = threading.local()
+        # Who each checkout is charged to (holders.py): off, "context" or a stack walk too.
+        self._holders = options.holders is not False
+        self._walk_stack = options.holders is True
         #: reset_session="auto": connections are watched (watch.py).
         self._auto_reset = options.reset_session == "auto"
         if self._auto_reset:
@@ -153,6 +167,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         waits = self._waits
         ident = threading.get_ident()
         waits[ident] = t0
+        conn = None  # a parked one given up above is no longer this checkout's
         try:
             while True:
                 try:
@@ -175,6 +190,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                     return conn
         finally:
             del waits[ident]
+            if (queued := self._queued.pop(ident, None)) is not None and self._holders:
+                self._charge_wait(queued, conn)
 
     def _swap(self, conn: PooledConnection) -> PooledConnection | None:
         """Put *conn* in the pool and take its oldest idle connection instead.
@@ -225,9 +242,13 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         return True
 
     def _checked_out(self, conn: PooledConnection, t0: float) -> None:
-        conn._dpp_out_at = now = monotonic()
+        conn._dpp_out_at = now = monotonic()  # before the holder: _charge_wait reads both
+        if self._holders:
+            conn._dpp_holder = holders.holder(self._walk_stack)
         waited = now - t0
         self.recorder.checked_out(waited)
+        if (watched := trace.current()) is not None:
+            self._traced(watched, conn, waited, now)
         limit = self.options.log_waits_over
         if limit is not None and waited > limit:
             logger.warning(
@@ -236,6 +257,32 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                 waited,
                 self._describe_state(),
             )
+
+    def _traced(
+        self, watched: trace.Trace, conn: PooledConnection, waited: float, now: float
+    ) -> None:
+        holder = conn._dpp_holder
+        entry = trace.Entry(
+            alias=self.alias,
+            holder=holder.name if holder is not None else None,
+            cell=holder,
+            waited=waited,
+            new=conn._dpp_generation == 1,  # leased once: now
+            backend_pid=conn.pgconn.backend_pid,
+            at=now,
+        )
+        watched.entries.append(entry)
+        conn._dpp_trace = (watched, entry)
+
+    def _trace_returned(self, watched: trace.Trace, entry: trace.Entry) -> None:
+        """The watched checkout is back (reset sent, skipped, or discarded): say so."""
+        if entry.reset is None:
+            entry.reset = "discarded"
+        if watched.on_return is not None:
+            try:
+                watched.on_return()
+            except Exception:  # a watcher must never fail a return
+                logger.exception("pool %r: the checkout trace's listener failed", self.name)
 
     def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
         # Under the pool's lock. An idle connection parked by another thread
@@ -258,6 +305,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         ready = super()._get_ready_connection(timeout)
         if ready is None:
             self.recorder.queued()
+            ident = threading.get_ident()
+            self._queued.setdefault(ident, self._waits.get(ident, monotonic()))
         return ready
 
     def _check_connection(self, conn: PooledConnection) -> None:
@@ -317,13 +366,17 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             waiting=self._count_waiting(),
             waited=monotonic() - t0,
             outage=self.outage,
+            holders=self.holders_in_use() if self._holders else None,
         )
 
     # -- return ------------------------------------------------------------
 
     def putconn(self, conn: PooledConnection) -> None:
-        self._unlease(conn)
+        traced = self._unlease(conn)
         super().putconn(conn)
+        if traced is not None:
+            traced[1].reset = traced[1].reset or "returned"
+            self._trace_returned(*traced)
 
     def release(self, conn: PooledConnection) -> None:
         """Return a connection from the thread that holds it (Django's close).
@@ -333,17 +386,67 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         and queue, while any other thread that finds the pool empty takes
         it. It goes to the pool's queue instead when a client is waiting.
         """
-        self._unlease(conn)
+        traced = self._unlease(conn)
         self._check_pool_putconn(conn)
-        if self._maybe_close_connection(conn):
-            return
-        self._return_connection(conn, from_getconn=False, park=True)
+        if not self._maybe_close_connection(conn):
+            self._return_connection(
+                conn, from_getconn=False, park=True, entry=traced[1] if traced else None
+            )
+        if traced is not None:
+            self._trace_returned(*traced)
 
-    def _unlease(self, conn: PooledConnection) -> None:
+    def _unlease(self, conn: PooledConnection) -> tuple[trace.Trace, trace.Entry] | None:
+        """End the checkout (stats, holder, lease); its toolbar trace, if watched."""
         self._leased.discard(conn)
-        held = monotonic() - conn._dpp_out_at
+        now = monotonic()
+        out_at = conn._dpp_out_at
+        held = now - out_at
         self.recorder.returned(held)
+        # Taken off now: once returned, another thread may check it out.
+        if (traced := conn._dpp_trace) is not None:
+            conn._dpp_trace = None
+            traced[1].held = held
+        if (holder := conn._dpp_holder) is not None:
+            conn._dpp_holder = None
+            self.recorder.held_by(holder.name, held)
+            if self._queued and len(self._leased) + 1 >= self.max_size:
+                # Checkouts queued while it held this connection in a full pool: its share.
+                waited = sum(now - max(t, out_at) for t in list(self._queued.values()))
+                self.recorder.caused_wait(holder.name, waited / self.max_size)
         leases.unlease(conn, self.name, held)
+        return traced
+
+    def _charge_wait(self, t0: float, mine: PooledConnection | None) -> None:
+        """A checkout that queued since *t0* ended: charge the holders still out.
+
+        Only while the pool is full (else it waited for a new connection to
+        open: nobody's doing). Each connection in use shares the wait by its
+        time out within it, divided by max_size, so the wait charged to all
+        holders adds up to the time spent queued. Those returned during the
+        wait were charged at their return; *mine* is the waiter's own
+        connection, if it got one.
+        """
+        now = monotonic()
+        leased = list(self._leased)
+        if len(leased) < self.max_size:
+            return
+        for conn in leased:
+            if conn is mine:
+                continue
+            holder = conn._dpp_holder
+            if holder is not None and (share := now - max(t0, conn._dpp_out_at)) > 0:
+                self.recorder.caused_wait(holder.name, share / self.max_size)
+
+    def holders_in_use(self) -> list[tuple[str, float]]:
+        """Who holds the connections in use now, longest-held first: (holder, seconds)."""
+        now = monotonic()
+        out = []
+        for c in list(self._leased):
+            holder = c._dpp_holder  # read once: its thread may return it meanwhile
+            out.append(
+                (holder.name if holder is not None else holders.UNKNOWN, now - c._dpp_out_at)
+            )
+        return sorted(out, key=lambda h: h[1], reverse=True)
 
     def _putconn(self, conn: PooledConnection, from_getconn: bool) -> None:
         # Always in the returning thread. psycopg_pool hands returns to its
@@ -353,7 +456,11 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         self._return_connection(conn, from_getconn=from_getconn)
 
     def _return_connection(
-        self, conn: PooledConnection, from_getconn: bool, park: bool = False
+        self,
+        conn: PooledConnection,
+        from_getconn: bool,
+        park: bool = False,
+        entry: trace.Entry | None = None,
     ) -> None:
         # The base class's, with the reset sent, not awaited, and parking.
         # (Its _reset_connection, which this replaces, warns about what
@@ -390,6 +497,8 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             self.recorder.reset_sent()
         elif done is session.SKIPPED:
             self.recorder.reset_skipped()
+        if entry is not None:  # the toolbar panel watches this request
+            entry.reset = done or "none"
         if park:
             with self._lock:
                 if not self._waiting and not self._closed:
@@ -578,6 +687,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             conn.execute(sql)
         if self.behind_pooler is None:
             self._check_for_pooler(conn)
+            # Two first connections may be configured at once: one runs the hooks.
+            if not self.behind_pooler and next(self._first_connections) == 0:
+                self._first_connection(conn)
         if self.options.configure is not None:
             self._configure_user(conn)
         if self._check_role:
@@ -585,6 +697,16 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         if self._auto_reset:
             # What the engine and configure set is the session's starting point.
             watch.mark_clean(conn)
+
+    def _first_connection(self, conn: PooledConnection) -> None:
+        for hook in list(FIRST_CONNECTION_HOOKS):
+            try:
+                hook(self, conn)
+            except Exception:
+                logger.exception("pool %r: a first-connection hook failed", self.name)
+            finally:
+                if conn.pgconn.transaction_status != IDLE and not conn.closed:
+                    conn.rollback()
 
     def _check_for_pooler(self, conn: PooledConnection) -> None:
         """Once per pool: warn when a pooler is there and the pgbouncer option is not."""

@@ -39,7 +39,7 @@ def get_or_create(key: Hashable, alias: str, create: Callable[[], DjangoPool]) -
     from it any more.
     """
     if _pools_pid != os.getpid():
-        _after_fork_in_child()
+        _missed_fork()
     pool = _pools.get(key)
     if pool is not None:
         return pool
@@ -73,7 +73,7 @@ def on_pool_opened(listener: Callable[[DjangoPool], None]) -> None:
 def find(alias: str | None = None) -> list[DjangoPool]:
     """This process's pools (of one alias), without creating any."""
     if _pools_pid != os.getpid():
-        _after_fork_in_child()
+        _missed_fork()
     return [p for p in list(_pools.values()) if alias is None or p.alias == alias]
 
 
@@ -101,6 +101,39 @@ def give_back(conn: PooledConnection, generation: int) -> None:
         conn.close()
         return
     pool.release(conn)
+
+
+def check_fork(**_: object) -> None:
+    """Notice a fork that Python's fork hooks did not see (Django's request_started).
+
+    uWSGI forks its workers in C: without --py-call-uwsgi-fork-hooks no
+    os.register_at_fork hook runs, and a worker's threads would go on using
+    what the master left in them (a checked-out connection, a pool). The
+    first request of such a worker lets them go, as the hook would have.
+    """
+    if _pools_pid != os.getpid():
+        _missed_fork()
+
+
+#: Taken only in a process that missed its fork hook (never in the parent,
+#: which therefore cannot have held it at the fork).
+_missed_fork_lock = threading.Lock()
+
+
+def _missed_fork() -> None:
+    with _missed_fork_lock:
+        if _pools_pid == os.getpid():
+            return  # another thread of this process did it first
+        inherited = bool(_pools)
+        _after_fork_in_child()
+    if inherited:
+        logger.warning(
+            "process %d was forked without Python's fork hooks (uWSGI without "
+            "--py-call-uwsgi-fork-hooks?): the pools it inherited were let go at its "
+            "first use; locks the parent held at the fork may still hang it. Run "
+            "uWSGI with --py-call-uwsgi-fork-hooks or --lazy-apps.",
+            os.getpid(),
+        )
 
 
 def _after_fork_in_child() -> None:

@@ -26,7 +26,9 @@ from . import roles, watch
 
 if TYPE_CHECKING:
     from .base import DatabaseWrapper
+    from .holders import Holder
     from .pool import DjangoPool
+    from .trace import Entry, Trace
 
 IDLE = pq.TransactionStatus.IDLE
 INTRANS = pq.TransactionStatus.INTRANS
@@ -50,6 +52,8 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpp_deadline: float | None = None  # of the checkout that is taking it
     _dpp_out_at: float = 0.0  # monotonic time of the current checkout
     _dpp_stack: traceback.StackSummary | None = None  # where it was checked out
+    _dpp_holder: Holder | None = None  # who checked it out (pool option holders)
+    _dpp_trace: tuple[Trace, Entry] | None = None  # a request the toolbar panel watches
     _dpp_leak_reported: bool = False
     _dpp_closed: bool = False  # closed by the pool (counted once)
     # reset_session="auto" (watch.py): unchanged since the last mark_clean(),

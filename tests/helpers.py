@@ -160,4 +160,20 @@ def wsgi_get(path: str) -> Any:
     return json.loads(data)
 
 
+def children(pid: int) -> set[int]:
+    """Live (not zombie) child processes of *pid*, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state not in ("Z", "X"):
+            found.add(int(entry.name))
+    return found
+
+
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"

@@ -23,7 +23,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from django_pooled_pg.observability.activity import host_hash
 from django_pooled_pg.observability.records import HOSTNAME
 from dpp_devtools.servers import free_port, start_server, stop_server, wait_serving
-from tests.helpers import TESTPROJECT, wait_until
+from tests.helpers import TESTPROJECT, children, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -41,22 +40,6 @@ WORKERS = 4
 INTERVAL = 0.5  # seconds between two publications of a worker's stats
 TOKEN = "deployment-test-metrics-token"
 ALIAS = "default"
-
-
-def children(pid: int) -> set[int]:
-    """Live (not zombie) child processes of *pid*, from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state not in ("Z", "X"):
-            found.add(int(entry.name))
-    return found
 
 
 def rows(doc: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -448,4 +431,58 @@ def test_metrics_view_reports_every_worker_from_any_worker(
     assert set(scraped_by) == workers
 
     check(dep.poolstats("--format", "prometheus", "--database", ALIAS))
+    assert_no_password(dep)
+
+
+def test_poolstats_holders_merges_every_worker(
+    deployment: Deployment, transactional_db: None
+) -> None:
+    """Each worker charges /hit/ to its view; poolstats --holders sums the workers."""
+    dep = deployment
+    dep.serve_every_worker()
+    workers = dep.workers()
+    doc = dep.wait_fresh(workers, since=time.time())
+    per_process = [
+        next((h for h in p["holders"] if h["holder"] == "demoapp.views.hit"), None)
+        for p in rows(doc).values()
+    ]
+    assert all(h is not None and h["checkouts"] >= 1 for h in per_process), per_process
+
+    merged = json.loads(dep.poolstats("--holders", "--json", "--database", ALIAS))
+    hit = next(h for h in merged["aliases"][ALIAS] if h["holder"] == "demoapp.views.hit")
+    # Stats published since doc was read may add checkouts, never remove any.
+    assert hit["checkouts"] >= sum(h["checkouts"] for h in per_process if h is not None)
+    assert hit["hold"]["count"] == hit["checkouts"]
+
+    table = dep.poolstats("--holders", "--database", ALIAS)
+    assert f"{ALIAS}  {WORKERS} processes" in table, table
+    assert any(line.strip().startswith("demoapp.views.hit ") for line in table.splitlines())
+    assert_no_password(dep)
+
+
+def test_poolstats_advise_sizes_the_gunicorn_workers_against_the_server(
+    deployment: Deployment, admin: Any, transactional_db: None
+) -> None:
+    """Under load, --advise reads every worker and the server's real limit."""
+    dep = deployment
+    dep.serve(200)
+    workers = dep.workers()
+    dep.wait_fresh(workers, since=time.time())
+    max_connections = int(admin.execute("SHOW max_connections").fetchone()[0])
+    reserved = int(admin.execute("SHOW superuser_reserved_connections").fetchone()[0])
+
+    doc = json.loads(dep.poolstats("--advise", "--json", "--database", ALIAS))
+    adv = doc["aliases"][ALIAS]
+    max_size = connection.settings_dict["OPTIONS"]["pool"]["max_size"]
+    assert adv["processes"] == WORKERS and adv["max_size"] == max_size
+    assert adv["limit"] == max_connections - reserved
+    assert adv["deployment_needs"] == WORKERS * max_size
+    # 16 client threads on 4 workers of 2 threads: at most 2 in use per worker.
+    assert adv["checkouts_per_second"] > 0 and 0 < adv["in_use_mean"] <= 2
+    assert 1 <= adv["recommended_max_size"] <= max_size + 2
+    assert adv["processes_that_fit"] >= 1 and not adv["over_limit"]
+
+    table = dep.poolstats("--advise", "--database", ALIAS)
+    assert f"{ALIAS}  recommended max_size per process: {adv['recommended_max_size']}" in table
+    assert "Little's law" in table and f"{WORKERS} processes publishing stats" in table
     assert_no_password(dep)

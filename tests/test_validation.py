@@ -123,6 +123,22 @@ def test_conn_max_age_is_rejected_with_djangos_sentence_first() -> None:
         assert [e.id for e in check_pool_options()] == ["django_pooled_pg.E002"]
 
 
+def test_conn_max_age_with_pooling_off_is_djangos_persistent_connection(
+    transactional_db: None,
+) -> None:
+    """With OPTIONS["pool"] False the engine is Django's backend: CONN_MAX_AGE works."""
+    settings = db_settings(CONN_MAX_AGE=60)
+    settings["OPTIONS"] = {**settings["OPTIONS"], "pool": False}
+    with override_settings(DATABASES={"default": settings}):
+        assert check_pool_options() == []
+    wrapper = wrapper_with(False, CONN_MAX_AGE=60)
+    wrapper.ensure_connection()
+    first = wrapper.connection
+    wrapper.close_if_unusable_or_obsolete()  # what request_finished does
+    assert wrapper.connection is first  # kept for 60 s, as Django does
+    wrapper.close()
+
+
 def test_conn_settings_changed_on_a_live_pool_keep_it(make_wrapper: Make) -> None:
     """Django's own tests change these on live pooled aliases."""
     wrapper = make_wrapper(pool={"max_size": 2})

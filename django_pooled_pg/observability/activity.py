@@ -86,6 +86,13 @@ class ServerView:
     #: all it received, else the age of the last transaction it replayed
     #: (None: a primary, or nothing replayed yet).
     replay_lag: float | None = None
+    #: reserved_connections (PostgreSQL 16+: for roles with pg_use_reserved_connections).
+    reserved_connections: int = 0
+
+    @property
+    def client_limit(self) -> int:
+        """Sessions the server takes from ordinary clients."""
+        return self.max_connections - self.reserved - self.reserved_connections
 
 
 _QUERY = """
@@ -103,6 +110,7 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 _SETTINGS_AND_ROLE = """
 SELECT current_setting('max_connections')::int,
        current_setting('superuser_reserved_connections')::int,
+       coalesce(current_setting('reserved_connections', true), '0')::int,
        pg_is_in_recovery(),
        CASE WHEN NOT pg_is_in_recovery() THEN NULL
             WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
@@ -116,7 +124,7 @@ SELECT current_setting('max_connections')::int,
 def read_server_view(cursor: Any) -> ServerView:
     """Read and group pg_stat_activity with *cursor* (a DB-API cursor)."""
     cursor.execute(_SETTINGS_AND_ROLE)
-    max_connections, reserved, in_recovery, lag = cursor.fetchone()
+    max_connections, reserved, reserved_connections, in_recovery, lag = cursor.fetchone()
     cursor.execute(_QUERY)
     rows = cursor.fetchall()
     view = ServerView(
@@ -125,6 +133,7 @@ def read_server_view(cursor: Any) -> ServerView:
         client_sessions=len(rows) + 1,
         role="standby" if in_recovery else "primary",
         replay_lag=None if lag is None else max(0.0, lag),
+        reserved_connections=reserved_connections,
     )
     groups: dict[tuple[str, int, str], ProcessSessions] = {}
     view.others = 1  # the session reading this

@@ -44,6 +44,7 @@ class PoolerView:
     version: str
     pools: list[PoolerPool] = field(default_factory=list)
     stats: list[PoolerStats] = field(default_factory=list)
+    max_client_conn: int | None = None  # SHOW CONFIG: the clients PgBouncer accepts
 
 
 def read_pooler_view(cursor: Any, dbname: str) -> PoolerView:
@@ -70,6 +71,10 @@ def read_pooler_view(cursor: Any, dbname: str) -> PoolerView:
                 max_wait=int(row["maxwait"]) + int(row.get("maxwait_us") or 0) / 1e6,
             )
         )
+    cursor.execute("SHOW CONFIG")
+    for row in cursor.fetchall():
+        if row.get("key") == "max_client_conn":
+            view.max_client_conn = int(row["value"])
     cursor.execute("SHOW STATS")
     for row in cursor.fetchall():
         if row["database"] != dbname:

@@ -27,8 +27,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .api import pooled_aliases
-from .records import BUCKETS, Distribution, PoolStats
-from .report import Report, build_report
+from .records import BUCKETS, Distribution, HolderStats, PoolStats
+from .report import Report, build_report, top_holders
 
 if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponse
@@ -201,6 +201,44 @@ def server_families(report: Report) -> Iterator[Metric]:
     yield lag
 
 
+#: Holders labelled per alias (by hold time; the rest are one "(other)" series).
+HOLDER_LABELS = 20
+
+# Gauges, not counters: each sums the processes running now, so it drops when
+# one exits (and a holder can move into "(other)"); a counter must never drop.
+_HOLDER_GAUGES: tuple[tuple[str, str, Callable[[HolderStats], float]], ...] = (
+    (
+        "holder_checkouts",
+        "Checkouts by holder, the processes running now together.",
+        lambda h: h.checkouts,
+    ),
+    (
+        "holder_hold_seconds",
+        "Seconds connections were held, by holder, the processes running now together.",
+        lambda h: h.hold.sum,
+    ),
+    (
+        "holder_wait_caused_seconds",
+        "Seconds checkouts queued while the holder held connections of a full pool (its share).",
+        lambda h: h.wait_caused,
+    ),
+    ("holder_leaks", "Checkouts held longer than leak_timeout, by holder.", lambda h: h.leaks),
+)
+
+
+def holder_families(report: Report) -> Iterator[Metric]:
+    """Per alias and holder (every process together), bounded to HOLDER_LABELS + 1 series."""
+    ranked = [
+        (a.alias, top_holders(a.totals.holders, "hold", HOLDER_LABELS)) for a in report.aliases
+    ]
+    for name, doc, get in _HOLDER_GAUGES:
+        gauge = GaugeMetricFamily(PREFIX + name, doc, labels=("alias", "holder"))
+        for alias, holders in ranked:
+            for h in holders:
+                gauge.add_metric([alias, h.holder], float(get(h)))
+        yield gauge
+
+
 class ReportCollector(Collector):
     """The processes of a poolstats report (what ``--format prometheus`` prints)."""
 
@@ -210,6 +248,7 @@ class ReportCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         report = self.get_report()
         yield from families([p for a in report.aliases for p in a.processes])
+        yield from holder_families(report)
         yield from pooler_families(report)
         yield from server_families(report)
 
@@ -220,6 +259,7 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         report = build_report(pooled_aliases(), deployment=True, server=False)
         yield from families([p for a in report.aliases for p in a.processes])
+        yield from holder_families(report)
         yield from pooler_families(report)
 
     def describe(self) -> Iterator[Metric]:

@@ -16,10 +16,12 @@ database), so counters cover the alias's whole life in the process.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -128,6 +130,7 @@ class PoolConfig:
     reset_session: bool | str
     fail_fast: bool
     leak_timeout: float | None
+    holders: bool | str = True  # (absent from processes of older versions)
     pgbouncer: str | None = None  # (absent from processes of older versions)
     server_role: str | None = None  # the role enforced (resolved from target_session_attrs)
     drain_on_role_change: bool = True
@@ -176,6 +179,21 @@ class Counters:
 
 
 @dataclass
+class HolderStats:
+    """One holder (a view, task, command or caller) of one alias's connections."""
+
+    holder: str
+    checkouts: int
+    hold: Distribution  # from checkout to return, of its returned checkouts
+    wait_caused: float  # seconds others waited while it held connections (shared out)
+    leaks: int  # its checkouts held longer than leak_timeout
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HolderStats:
+        return cls(**{**data, "hold": Distribution(**data["hold"])})
+
+
+@dataclass
 class PoolStats:
     """One alias in one process: ``django_pooled_pg.stats()`` returns these."""
 
@@ -190,6 +208,10 @@ class PoolStats:
     wait: Distribution  # checkout: from asking to holding a connection
     hold: Distribution  # from checkout to return
     connect: Distribution  # opening a connection (successful attempts)
+    #: Who held the connections (pool option ``holders``), most hold time first.
+    holders: list[HolderStats] = field(default_factory=list)
+    #: time.time() when the counters started (0: a process of an older version).
+    since: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (the ``poolstats --json`` schema)."""
@@ -209,6 +231,8 @@ class PoolStats:
             wait=Distribution(**data["wait"]),
             hold=Distribution(**data["hold"]),
             connect=Distribution(**data["connect"]),
+            holders=[HolderStats.from_dict(h) for h in data.get("holders", ())],
+            since=data.get("since", 0.0),
         )
 
 
@@ -239,6 +263,12 @@ class Recorder:
     def returned(self, held: float) -> None:
         """A connection came back after *held* seconds out."""
 
+    def held_by(self, holder: str, held: float) -> None:
+        """*holder* (pool option ``holders``) held a connection for *held* seconds."""
+
+    def caused_wait(self, holder: str, seconds: float) -> None:
+        """Checkouts waited *seconds* (its share) while *holder* held a connection."""
+
     def reset_sent(self) -> None:
         """A session reset was sent on a returned connection."""
 
@@ -260,14 +290,24 @@ class Recorder:
     def reclaimed(self) -> None:
         """A connection was given back for a thread that ended holding it."""
 
-    def leaked(self) -> None:
-        """A checkout has been held longer than ``leak_timeout``."""
+    def leaked(self, holder: str | None = None) -> None:
+        """A checkout (of *holder*, if known) has been held longer than ``leak_timeout``."""
 
 
 class AliasRecord(Recorder):
     """The running record of one alias in this process (see the module doc)."""
 
-    __slots__ = ("alias", "config", "counters", "closed_by_reason", "wait", "hold", "connect")
+    __slots__ = (
+        "alias",
+        "config",
+        "counters",
+        "closed_by_reason",
+        "wait",
+        "hold",
+        "connect",
+        "holders",
+        "since",
+    )
 
     def __init__(self, alias: str) -> None:
         self.alias = alias
@@ -277,6 +317,8 @@ class AliasRecord(Recorder):
         self.wait = Histogram()
         self.hold = Histogram()
         self.connect = Histogram()
+        self.holders: dict[str, HolderTally] = {}
+        self.since = time.time()
 
     def checked_out(self, waited: float) -> None:
         self.counters.checkouts += 1
@@ -296,6 +338,25 @@ class AliasRecord(Recorder):
 
     def returned(self, held: float) -> None:
         self.hold.observe(held)
+
+    def held_by(self, holder: str, held: float) -> None:
+        tally = self.holders.get(holder)
+        if tally is None:
+            tally = self._new_holder(holder)
+        tally.checkouts += 1
+        tally.hold.observe(held)
+
+    def caused_wait(self, holder: str, seconds: float) -> None:
+        tally = self.holders.get(holder)
+        if tally is None:
+            tally = self._new_holder(holder)
+        tally.wait_caused += seconds
+
+    def _new_holder(self, holder: str) -> HolderTally:
+        # Bounded: MAX_HOLDERS in all, OTHER included, which sums the newcomers.
+        if len(self.holders) >= MAX_HOLDERS - 1:
+            holder = OTHER
+        return self.holders.setdefault(holder, HolderTally())
 
     def reset_sent(self) -> None:
         self.counters.resets += 1
@@ -320,8 +381,13 @@ class AliasRecord(Recorder):
     def reclaimed(self) -> None:
         self.counters.reclaimed += 1
 
-    def leaked(self) -> None:
+    def leaked(self, holder: str | None = None) -> None:
         self.counters.leaks += 1
+        if holder is not None:
+            tally = self.holders.get(holder)
+            if tally is None:
+                tally = self._new_holder(holder)
+            tally.leaks += 1
 
     def snapshot(self, live: LiveState | None, config: PoolConfig) -> PoolStats:
         """The record as PoolStats; *live* None: no open pool in this process."""
@@ -339,11 +405,99 @@ class AliasRecord(Recorder):
             wait=self.wait.summary(),
             hold=self.hold.summary(),
             connect=self.connect.summary(),
+            holders=sorted(
+                (t.stats(name) for name, t in list(self.holders.items())),
+                key=lambda h: h.hold.sum,
+                reverse=True,
+            ),
+            since=self.since,
         )
+
+
+#: Distinct holders one process keeps per alias; the rest are summed as OTHER.
+MAX_HOLDERS = 200
+#: The holder of the checkouts past MAX_HOLDERS (and past a listing's --top).
+OTHER = "(other)"
+
+
+class HolderTally:
+    """The running record of one holder (see ``AliasRecord.held_by``)."""
+
+    __slots__ = ("checkouts", "hold", "wait_caused", "leaks")
+
+    def __init__(self) -> None:
+        self.checkouts = 0
+        self.hold = Histogram()
+        self.wait_caused = 0.0
+        self.leaks = 0
+
+    def stats(self, name: str) -> HolderStats:
+        return HolderStats(name, self.checkouts, self.hold.summary(), self.wait_caused, self.leaks)
 
 
 #: The recorder of a pool whose ``stats`` option is off.
 NOT_RECORDING = Recorder()
+
+
+class FanOut(Recorder):
+    """The alias's record, then every listener (OpenTelemetry's histograms).
+
+    A listener that raises is logged and skipped: the pool calls recorders
+    in the middle of a checkout or a return, which must not fail for it.
+    """
+
+    __slots__ = ("_record", "_listeners")
+
+    def __init__(self, record: Recorder, *listeners: Recorder) -> None:
+        self._record = record
+        self._listeners = listeners
+
+
+def _fan_out(name: str) -> Callable[..., None]:
+    def method(self: FanOut, *args: Any, **kwargs: Any) -> None:
+        getattr(self._record, name)(*args, **kwargs)
+        for listener in self._listeners:
+            try:
+                getattr(listener, name)(*args, **kwargs)
+            except Exception:
+                logging.getLogger("django_pooled_pg").exception(
+                    "a pool stats listener (%r) failed in %s()", listener, name
+                )
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in [n for n in vars(Recorder) if not n.startswith("_")]:
+    setattr(FanOut, _name, _fan_out(_name))
+
+
+#: Called with (alias, pool name) for each pool made with stats on: each
+#: returns a Recorder that hears what the pool does, or None.
+_listeners: list[Callable[[str, str], Recorder | None]] = []
+
+
+def add_listener(factory: Callable[[str, str], Recorder | None]) -> None:
+    """Have pools made from now on report to *factory*'s recorders too."""
+    if factory not in _listeners:
+        _listeners.append(factory)
+
+
+def remove_listener(factory: Callable[[str, str], Recorder | None]) -> None:
+    """Pools made from now on no longer report to *factory*'s recorders."""
+    if factory in _listeners:
+        _listeners.remove(factory)
+
+
+def recorder_for(alias: str, pool_name: str, stats: bool) -> Recorder:
+    """What a new pool of *alias* reports to: nothing (stats off), its record,
+    or its record and the listeners' recorders."""
+    if not stats:
+        return NOT_RECORDING
+    record = record_for(alias)
+    extra = [r for f in list(_listeners) if (r := f(alias, pool_name)) is not None]
+    return FanOut(record, *extra) if extra else record
+
 
 HOSTNAME = socket.gethostname()
 

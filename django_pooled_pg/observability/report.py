@@ -20,9 +20,11 @@ from .publisher import Deployment, publish_settings, read_deployment
 from .records import (
     CLOSE_REASONS,
     HOSTNAME,
+    OTHER,
     Counters,
     Distribution,
     Histogram,
+    HolderStats,
     PoolConfig,
     PoolStats,
 )
@@ -48,6 +50,7 @@ class Totals:
     wait: Distribution
     hold: Distribution
     connect: Distribution
+    holders: list[HolderStats] = field(default_factory=list)  # merged, most hold time first
 
 
 @dataclass
@@ -103,7 +106,52 @@ def totals(processes: list[PoolStats]) -> Totals:
         wait=merge_distributions([p.wait for p in processes]),
         hold=merge_distributions([p.hold for p in processes]),
         connect=merge_distributions([p.connect for p in processes]),
+        holders=merge_holders(processes),
     )
+
+
+def merge_holders(processes: list[PoolStats]) -> list[HolderStats]:
+    """Every process's holders summed by name, most hold time first."""
+    parts: dict[str, list[HolderStats]] = {}
+    for p in processes:
+        for h in p.holders:
+            parts.setdefault(h.holder, []).append(h)
+    merged = [_summed(name, hs) for name, hs in parts.items()]
+    return sorted(merged, key=lambda h: h.hold.sum, reverse=True)
+
+
+def _summed(name: str, parts: list[HolderStats]) -> HolderStats:
+    return HolderStats(
+        holder=name,
+        checkouts=sum(h.checkouts for h in parts),
+        hold=merge_distributions([h.hold for h in parts]),
+        wait_caused=sum(h.wait_caused for h in parts),
+        leaks=sum(h.leaks for h in parts),
+    )
+
+
+#: poolstats --holders --sort: what each key orders by (largest first).
+HOLDER_SORTS: dict[str, Any] = {
+    "hold": lambda h: h.hold.sum,
+    "wait": lambda h: h.wait_caused,
+    "checkouts": lambda h: h.checkouts,
+    "p99": lambda h: h.hold.p99,
+    "leaks": lambda h: h.leaks,
+}
+
+
+def top_holders(holders: list[HolderStats], sort: str = "hold", top: int = 20) -> list[HolderStats]:
+    """The *top* holders by *sort*, the rest summed as one OTHER row (bounded output)."""
+    key = HOLDER_SORTS[sort]
+    ranked = sorted(holders, key=key, reverse=True)
+    if len(ranked) <= top:
+        return ranked
+    kept, rest = ranked[:top], ranked[top:]
+    if any(h.holder == OTHER for h in kept):
+        rest = rest + [h for h in kept if h.holder == OTHER]
+        kept = [h for h in kept if h.holder != OTHER]
+    kept.append(_summed(OTHER, rest))
+    return kept
 
 
 def _server_view(alias: str) -> ServerView:
@@ -431,12 +479,71 @@ def _server_lines(a: AliasReport) -> list[str]:
     return lines
 
 
+# -- holders (poolstats --holders) -----------------------------------------------
+
+
+def render_holders_json(report: Report, sort: str = "hold", top: int = 20) -> dict[str, Any]:
+    """Per alias, the top holders of every process together (``poolstats --holders --json``)."""
+    return {
+        "schema": JSON_SCHEMA,
+        "time": report.time,
+        "sort": sort,
+        "aliases": {
+            a.alias: [asdict(h) for h in top_holders(a.totals.holders, sort, top)]
+            for a in report.aliases
+        },
+    }
+
+
+def render_holders_table(report: Report, sort: str = "hold", top: int = 20) -> str:
+    lines = [
+        f"django-pooled-pg pool holders at "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(report.time))}, "
+        f"by {sort} (read by {report.host}:{report.pid})"
+    ]
+    for a in report.aliases:
+        tot = a.totals
+        lines.append("")
+        lines.append(
+            f"{a.alias}  {tot.processes} process{'es' if tot.processes != 1 else ''}, "
+            f"{tot.counters.checkouts} checkouts, held {fmt_seconds(tot.hold.sum)} in all, "
+            f"waited {fmt_seconds(tot.wait.sum)} in all"
+        )
+        if a.config.holders is False:
+            lines.append("  holders=False: checkouts are not charged to holders.")
+            continue
+        if not tot.holders:
+            lines.append("  No checkout has been returned yet.")
+            continue
+        rows = [["holder", "checkouts", "held", "share", "p50", "p99", "wait caused", "leaks"]]
+        all_held = sum(h.hold.sum for h in tot.holders) or 1.0
+        for h in top_holders(tot.holders, sort, top):
+            rows.append(
+                [
+                    h.holder,
+                    str(h.checkouts),
+                    fmt_seconds(h.hold.sum),
+                    f"{100 * h.hold.sum / all_held:.0f}%",
+                    fmt_seconds(h.hold.p50),
+                    fmt_seconds(h.hold.p99),
+                    fmt_seconds(h.wait_caused),
+                    str(h.leaks),
+                ]
+            )
+        lines.extend(_grid(rows, ["<", ">", ">", ">", ">", ">", ">", ">"]))
+    return "\n".join(lines) + "\n"
+
+
 __all__ = [
+    "HOLDER_SORTS",
     "FORMATS",
     "AliasReport",
     "Report",
     "Totals",
     "build_report",
+    "render_holders_json",
+    "render_holders_table",
     "render_json",
     "render_table",
+    "top_holders",
 ]

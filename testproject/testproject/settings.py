@@ -23,7 +23,8 @@ INSTALLED_APPS = [
     "demoapp",
     "django_pooled_pg",
 ]
-MIDDLEWARE: list[str] = []
+# Charges each request's checkouts to its view (poolstats --holders).
+MIDDLEWARE: list[str] = ["django_pooled_pg.middleware.HolderMiddleware"]
 
 try:
     _db = throwaway.database_settings()

@@ -3,13 +3,14 @@ import os
 
 from django.urls import path
 
-from demoapp import async_views, views
+from demoapp import async_views, views, worker_views
 
 urlpatterns = [
     path("hit/", views.hit),
     path("ping/", views.ping),
     path("ahit/", async_views.ahit),
     path("athread/", async_views.athread),
+    path("sleep/", worker_views.sleep),
 ]
 
 # The pools' Prometheus metrics, for tests that scrape a multi-worker server

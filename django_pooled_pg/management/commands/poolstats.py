@@ -14,10 +14,18 @@ from django_pooled_pg.base import DatabaseWrapper
 from django_pooled_pg.observability.api import pooled_aliases
 from django_pooled_pg.observability.report import (
     FORMATS,
+    HOLDER_SORTS,
     Report,
     build_report,
+    render_holders_json,
+    render_holders_table,
     render_json,
     render_table,
+)
+from django_pooled_pg.observability.sizing import (
+    advise_report,
+    render_advice_json,
+    render_advice_table,
 )
 
 
@@ -76,6 +84,32 @@ class Command(BaseCommand):
             action="store_true",
             help="Do not query pg_stat_activity.",
         )
+        parser.add_argument(
+            "--holders",
+            action="store_true",
+            help="Who holds the connections: views, tasks, commands or callers, every "
+            "process together (pool option holders).",
+        )
+        parser.add_argument(
+            "--advise",
+            action="store_true",
+            help="Recommend max_size per process from the recorded hold and wait times "
+            "and checkout rates (Little's law), against the server's max_connections "
+            "(or PgBouncer's max_client_conn), with the reasoning.",
+        )
+        parser.add_argument(
+            "--sort",
+            default="hold",
+            help=f"With --holders: order by {', '.join(HOLDER_SORTS)} (default: hold, "
+            "the total time held).",
+        )
+        parser.add_argument(
+            "--top",
+            default="20",
+            metavar="N",
+            help="With --holders: the N first holders; the rest are summed as (other) "
+            "(default: 20).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         fmt = options["output_format"]
@@ -87,13 +121,35 @@ class Command(BaseCommand):
         if fmt not in FORMATS:
             raise CommandError(f"--format is {fmt!r}; it must be one of: {', '.join(FORMATS)}.")
         watch = _seconds(options["watch"]) if options["watch"] is not None else None
+        self.holders = options["holders"]
+        self.sort = options["sort"]
+        if self.sort not in HOLDER_SORTS:
+            raise CommandError(
+                f"--sort is {self.sort!r}; it must be one of: {', '.join(HOLDER_SORTS)}."
+            )
+        try:
+            self.top = int(options["top"])
+        except ValueError:
+            self.top = 0
+        if self.top < 1:
+            raise CommandError(f"--top is {options['top']!r}; it must be an integer >= 1.")
+        if not self.holders and (self.sort != "hold" or options["top"] != "20"):
+            raise CommandError("--sort and --top go with --holders.")
+        self.advise = options["advise"]
+        if self.advise and self.holders:
+            raise CommandError("--advise and --holders are two reports: give one.")
+        if self.advise and (fmt == "prometheus" or watch is not None):
+            raise CommandError("--advise works with --format table or json, without --watch.")
         if watch is not None and fmt == "prometheus":
             raise CommandError("--watch works with --format table or json, not prometheus.")
         aliases = self._aliases(options["database"])
 
         def build() -> Report:
             return build_report(
-                aliases, deployment=not options["local"], server=not options["no_server"]
+                aliases,
+                deployment=not options["local"],
+                server=not (options["no_server"] or self.holders),
+                pooler=not self.holders,
             )
 
         if watch is None:
@@ -114,7 +170,20 @@ class Command(BaseCommand):
             return
 
     def _emit(self, fmt: str, report: Report, previous: Report | None, watch: float | None) -> None:
-        if fmt == "json":
+        if self.advise:
+            advice = advise_report(report)
+            text = (
+                json.dumps(render_advice_json(advice), indent=2)
+                if fmt == "json"
+                else render_advice_table(advice)
+            )
+        elif self.holders and fmt == "json":
+            text = json.dumps(
+                render_holders_json(report, self.sort, self.top), indent=None if watch else 2
+            )
+        elif self.holders and fmt == "table":
+            text = render_holders_table(report, self.sort, self.top)
+        elif fmt == "json":
             text = json.dumps(render_json(report, previous), indent=None if watch else 2)
         elif fmt == "prometheus":
             text = render_prometheus(report)
