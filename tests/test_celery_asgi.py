@@ -101,6 +101,12 @@ def celery_worker(tmp_path: Path, *options: str) -> Iterator[CeleryWorker]:
     worker = CeleryWorker(proc, data_dir, report)
     try:
         yield worker
+    except BaseException:
+        if proc.poll() is None:
+            worker.stderr = stop_server(proc)
+        # In the report of the failing test: what the worker said.
+        print(f"celery worker stderr:\n{worker.stderr[-5000:]}")
+        raise
     finally:
         if proc.poll() is None:
             worker.stderr = stop_server(proc)  # SIGTERM: Celery's warm shutdown
