@@ -360,6 +360,23 @@ def worker_classifier(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def alternate(runs: dict[str, Any], args: dict[str, Any]) -> dict[str, float]:
+    """Median microseconds per call of each of *runs* (name: callable), warmed,
+    then timed in alternating batches with the starting point rotated."""
+    import timeit
+
+    for run in runs.values():
+        for _ in range(300):
+            run()  # warm
+    batch = args.get("batch", 200)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(args.get("rounds", 40)):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            times[name].append(timeit.timeit(runs[name], number=batch) / batch)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
 #: The strategies the "interleaved" scenario runs side by side in one process.
 INTERLEAVED = (
     "persistent",
@@ -375,7 +392,6 @@ def worker_interleaved(args: dict[str, Any]) -> dict[str, Any]:
     alternating batches: the finest interleaving there is, so drift on a
     noisy machine falls on every strategy alike. Each alias is used on its
     own (no request signals, which would visit every alias)."""
-    import timeit
 
     from django.conf import settings
 
@@ -408,34 +424,27 @@ def worker_interleaved(args: dict[str, Any]) -> dict[str, Any]:
 
         return run
 
-    runs = {a: cycle(a) for a in aliases}
-    for run in runs.values():
-        for _ in range(300):
-            run()  # warm
-    batch = args.get("batch", 200)
-    times: dict[str, list[float]] = {a: [] for a in aliases}
-    order = list(aliases)
-    for r in range(args.get("rounds", 40)):
-        for a in order[r % len(order) :] + order[: r % len(order)]:
-            times[a].append(timeit.timeit(runs[a], number=batch) / batch)
-    return {aliases[a]: statistics.median(t) * 1e6 for a, t in times.items()}
+    return alternate({aliases[a]: cycle(a) for a in aliases}, args)
 
 
 #: The holders settings the "holders" scenario runs side by side in one process.
 HOLDERS = {
     "holders=False": False,
-    "holders='context', request's view known": "context",
     "holders=True, request's view known": True,
-    "holders=True, stack walk": True,
+    "holders=True, unknown": True,
+    "holders='stack', stack walk": "stack",
 }
 
 
 def worker_holders(args: dict[str, Any]) -> dict[str, Any]:
-    """What charging checkouts to holders costs: a checkout and its return
-    through Django's wrapper on one alias per setting, alternating batches (as
-    "interleaved"). "known" runs inside a holder cell, as a request behind
-    HolderMiddleware, a Celery task or a command does; "stack walk" outside
-    one, so each checkout walks the stack from the ORM up to this module."""
+    """What charging checkouts to holders costs: a checkout made by cursor()
+    and its return through Django's wrapper on one alias per setting,
+    alternating batches (as "interleaved"), each alias in a context of its
+    own. "known" runs inside a holder cell entered once, as a request behind
+    HolderMiddleware, a Celery task or a command does; the others outside
+    one: "unknown" charges (unknown), "stack walk" walks the stack from the
+    cursor up to this module at each checkout."""
+    import contextvars
     import timeit
 
     from django.conf import settings
@@ -460,33 +469,45 @@ def worker_holders(args: dict[str, Any]) -> dict[str, Any]:
         c = connections[alias]
 
         def run() -> None:
-            # Checkout and return only: a query's round trip would drown the
-            # difference in the machine's noise.
-            c.ensure_connection()
+            # A checkout where a query makes it (in cursor(), which a walk
+            # climbs back up from) and its return, without the query: its
+            # round trip would drown the difference in the machine's noise.
+            c.cursor().close()
             c.close()
 
-        if aliases[alias].endswith("stack walk"):
-            return run
+        # Each alias runs in a context of its own; "known" has a holder cell
+        # entered there once, as a request's is before its checkouts (what
+        # entering costs, once per request, is measured alone below).
+        context = contextvars.copy_context()
+        if aliases[alias].endswith("known"):
+            context.run(holders.enter, "bench.view")
+        return lambda: context.run(run)
 
-        def known() -> None:
-            with holders.holding("bench.view"):
-                run()
+    out = alternate({aliases[a]: cycle(a) for a in aliases}, args)
 
-        return known
+    # A whole request's worth (request signals, a query, the return), for
+    # the settings as a request without a known holder meets them.
+    from django.core.signals import request_finished, request_started
 
-    runs = {a: cycle(a) for a in aliases}
-    for run in runs.values():
-        for _ in range(300):
-            run()  # warm
-    batch = args.get("batch", 200)
-    times: dict[str, list[float]] = {a: [] for a in aliases}
-    order = list(aliases)
-    for r in range(args.get("rounds", 40)):
-        for a in order[r % len(order) :] + order[: r % len(order)]:
-            times[a].append(timeit.timeit(runs[a], number=batch) / batch)
-    out = {aliases[a]: statistics.median(t) * 1e6 for a, t in times.items()}
+    def request(alias: str) -> Any:
+        c = connections[alias]
+
+        def run() -> None:
+            request_started.send(sender=None)
+            try:
+                with c.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                    cursor.fetchone()
+            finally:
+                request_finished.send(sender=None)
+
+        return run
+
+    unnamed = [a for a, n in aliases.items() if "view known" not in n]
+    per_request = alternate({aliases[a]: request(a) for a in unnamed}, args)
+    out.update({f"request: {n}": us for n, us in per_request.items()})
     # The parts alone: entering a holder cell (per request, not per
-    # checkout), and what a checkout asks (a cell is set; none is: the walk).
+    # checkout), and what a checkout asks when a cell is set.
     n = 200_000
     out["enter and leave a holder cell (us)"] = (
         min(timeit.repeat(lambda: holders.leave(holders.enter("x")), number=n, repeat=5)) / n * 1e6
@@ -496,9 +517,26 @@ def worker_holders(args: dict[str, Any]) -> dict[str, Any]:
         min(timeit.repeat(lambda: holders.holder(True), number=n, repeat=5)) / n * 1e6
     )
     holders.leave(token)
-    out["holder() walking this stack (us)"] = (
-        min(timeit.repeat(lambda: holders.holder(True), number=n // 10, repeat=5)) / (n // 10) * 1e6
-    )
+    # The walk alone, at a checkout's depth: timed around each call.
+    spent = [0, 0]
+    walk = holders.from_stack
+
+    def timed() -> str:
+        t0 = time.perf_counter_ns()
+        try:
+            return walk()
+        finally:
+            spent[0] += time.perf_counter_ns() - t0
+            spent[1] += 1
+
+    stack_walk = cycle(next(a for a, n in aliases.items() if n.endswith("stack walk")))
+    holders.from_stack = timed
+    try:
+        for _ in range(20_000):
+            stack_walk()
+    finally:
+        holders.from_stack = walk
+    out["the stack walk of such a checkout (us)"] = spent[0] / spent[1] / 1000
     return out
 
 
@@ -672,14 +710,37 @@ def run_holders(rounds: int) -> dict[str, Any]:
     runs = [measure("holders") for _ in range(rounds)]
     out = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     off = out["holders=False"]
-    rows = [[n, f"{out[n]:.2f}", f"{out[n] - off:+.2f}", f"{off / out[n]:.3f}"] for n in HOLDERS]
+
+    def versus_off(n: str, off: str = "holders=False") -> tuple[float, str]:
+        # Each process's own difference (the machine's speed varies by
+        # process): their median, and their range.
+        diffs = sorted(r[n] - r[off] for r in runs)
+        return statistics.median(diffs), f"{diffs[0]:+.2f} .. {diffs[-1]:+.2f}"
+
+    rows = [
+        [n, f"{out[n]:.2f}", f"{versus_off(n)[0]:+.2f}", versus_off(n)[1], f"{off / out[n]:.3f}"]
+        for n in HOLDERS
+    ]
     table(
-        f"holders: us per checkout + return through Django's wrapper, 1 thread, "
+        f"holders: us per checkout (by cursor()) and return through Django's wrapper, 1 thread, "
         f"max_size=1 (medians of 40 alternating batches, medians of {rounds} processes)",
-        ["setting", "us/cycle", "us vs off", "speed x off"],
+        ["setting", "us/cycle", "us vs off (median)", "per process", "speed x off"],
         rows,
     )
-    parts = [k for k in out if k not in HOLDERS]
+    requests = [k for k in out if k.startswith("request: ")]
+    base = out["request: holders=False"]
+    table(
+        "holders: us per request (request signals, checkout, SELECT 1, return), 1 thread "
+        f"(medians of 40 alternating batches, medians of {rounds} processes)",
+        ["setting", "us/request", "us vs off (median)", "per process", "speed x off"],
+        [
+            [k.removeprefix("request: "), f"{out[k]:.1f}",
+             f"{versus_off(k, 'request: holders=False')[0]:+.1f}",
+             versus_off(k, "request: holders=False")[1], f"{base / out[k]:.3f}"]
+            for k in requests
+        ],
+    )  # fmt: skip
+    parts = [k for k in out if k not in HOLDERS and k not in requests]
     table(
         "holders: the parts alone (best of 5)",
         ["what", "us"],

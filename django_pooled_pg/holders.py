@@ -7,9 +7,11 @@ answer comes, cheapest first, from:
   view of a request (``middleware.HolderMiddleware``), the Celery task being
   run (the app connects Celery's task signals in a worker), the management
   command this process runs (read from ``sys.argv`` when the app loads);
-* else, with ``holders=True``, the first frame of the calling stack outside
-  Django, psycopg, asgiref and this package (``module.function``): a walk of
-  a few dozen frames, microseconds (``bench/suite.py --scenarios holders``).
+* else, with ``holders="stack"``, the first frame of the calling stack
+  outside Django, psycopg, asgiref and this package (``module.function``): a
+  walk of a few dozen frames, microseconds per checkout, several percent of
+  a minimal request (``bench/suite.py --scenarios holders``), hence not the
+  default, which charges such checkouts to ``UNKNOWN``.
 
 The variable holds a ``Holder`` *cell*, not a name: a request opens its cell
 before the URL is resolved and names it in ``process_view``, so a connection
@@ -25,7 +27,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar, Token
 
 #: What a checkout is charged to when nothing names its holder and the
-#: stack walk is off (``holders="context"``) or finds no frame of the user's.
+#: stack walk is off (the default, ``holders=True``) or finds no frame of the user's.
 UNKNOWN = "(unknown)"
 
 #: Packages a stack walk passes over: the ORM and everything between it and
@@ -61,6 +63,9 @@ class Holder:
 
 
 _current: ContextVar[Holder | None] = ContextVar("django_pooled_pg_holder", default=None)
+
+#: Every checkout nobody names (never renamed: only cells made by enter() are).
+_UNKNOWN_CELL = Holder(UNKNOWN)
 
 
 def current() -> Holder | None:
@@ -105,7 +110,7 @@ def holder(walk_stack: bool) -> Holder:
     cell = _current.get()
     if cell is not None:
         return cell
-    return Holder(from_stack() if walk_stack else UNKNOWN)
+    return Holder(from_stack()) if walk_stack else _UNKNOWN_CELL
 
 
 def view_name(func: object) -> str:

@@ -305,20 +305,20 @@ class PoolOptions:
     )
     holders: bool | str = _option(
         default=True,
-        accepted="True, 'context' or False",
+        accepted="True, 'stack' or False",
         doc="Charge each checkout to its holder, for manage.py poolstats --holders, "
         "the leak report and PoolExhausted: the resolved view (with "
         "django_pooled_pg.middleware.HolderMiddleware), the Celery task, the "
-        "management command, else (True) the first caller outside Django and this "
-        "package, found by walking the stack (microseconds). 'context': no stack "
-        "walk; unnamed checkouts are charged to '(unknown)'. False: off. See "
-        "docs/observability.md, 'Who holds the pool'.",
-        summary="charge each checkout to its view, Celery task, command or caller "
-        "(`poolstats --holders`)",
+        "management command or a holders.holding() block; other checkouts to "
+        "'(unknown)'. 'stack': those to the first caller outside Django and this "
+        "package, found by walking the stack at each of them (microseconds: not "
+        "the default). False: off. See docs/observability.md, 'Who holds the pool'.",
+        summary="charge each checkout to its view, Celery task or command "
+        "(`poolstats --holders`; `'stack'`: the caller of the others too)",
         kind="choice",
         bad_example="yes",
         shown=True,
-        choices=(True, "context", False),
+        choices=(True, "stack", False),
     )
     log_waits_over: float | None = _option(
         default=1.0,

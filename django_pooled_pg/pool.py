@@ -112,9 +112,9 @@ class DjangoPool(ConnectionPool[PooledConnection]):
         # Returned by a thread and kept for its next checkout (see release()).
         self._parked: dict[PooledConnection, float] = {}
         self._local = threading.local()
-        # Who each checkout is charged to (holders.py): off, "context" or a stack walk too.
+        # Who each checkout is charged to (holders.py): off, its context, or a stack walk too.
         self._holders = options.holders is not False
-        self._walk_stack = options.holders is True
+        self._walk_stack = options.holders == "stack"
         #: reset_session="auto": connections are watched (watch.py).
         self._auto_reset = options.reset_session == "auto"
         if self._auto_reset:
@@ -247,7 +247,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             conn._dpp_holder = holders.holder(self._walk_stack)
         waited = now - t0
         self.recorder.checked_out(waited)
-        if (watched := trace.current()) is not None:
+        if trace.ever_started and (watched := trace.current()) is not None:
             self._traced(watched, conn, waited, now)
         limit = self.options.log_waits_over
         if limit is not None and waited > limit:
@@ -408,7 +408,7 @@ class DjangoPool(ConnectionPool[PooledConnection]):
             traced[1].held = held
         if (holder := conn._dpp_holder) is not None:
             conn._dpp_holder = None
-            self.recorder.held_by(holder.name, held)
+            self.recorder.held_by(holder, held)
             if self._queued and len(self._leased) + 1 >= self.max_size:
                 # Checkouts queued while it held this connection in a full pool: its share.
                 waited = sum(now - max(t, out_at) for t in list(self._queued.values()))

@@ -1,8 +1,8 @@
 """Every checkout of one request, for the Debug Toolbar panel (``toolbar.py``).
 
 A ``Trace`` is set in a context variable for the length of a request the
-panel watches; the pool asks for it at each checkout (one context-variable
-read when none is set) and hands the checkout's ``Entry`` to the connection,
+panel watches; the pool asks for it at each checkout once a trace was ever
+started in the process (a module flag read otherwise) and hands the checkout's ``Entry`` to the connection,
 which fills in its hold and reset when it comes back, after the response.
 """
 
@@ -51,12 +51,18 @@ class Trace:
 
 _current: ContextVar[Trace | None] = ContextVar("django_pooled_pg_trace", default=None)
 
+#: Whether a trace was ever started in this process: until then (always, in
+#: production) a checkout does not even read the context variable.
+ever_started = False
+
 
 def current() -> Trace | None:
     return _current.get()
 
 
 def start(on_return: Callable[[], None] | None = None) -> tuple[Trace, Token[Trace | None]]:
+    global ever_started
+    ever_started = True
     trace = Trace(on_return=on_return)
     return trace, _current.set(trace)
 

@@ -7,6 +7,8 @@ stop_server, ...) is in ``dpp_devtools.servers``, shared with the benchmarks.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -177,3 +179,18 @@ def children(pid: int) -> set[int]:
 
 
 TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
+
+
+def run_poolstats(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``manage.py poolstats *args`` of the test project, run as an operator
+    runs it (a separate process, with *env*); it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "poolstats", *args],
+        cwd=TESTPROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result

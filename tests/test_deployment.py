@@ -17,7 +17,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from django_pooled_pg.observability.activity import host_hash
 from django_pooled_pg.observability.records import HOSTNAME
 from dpp_devtools.servers import free_port, start_server, stop_server, wait_serving
-from tests.helpers import TESTPROJECT, children, wait_until
+from tests.helpers import TESTPROJECT, children, run_poolstats, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -133,15 +132,7 @@ class Deployment:
     # -- poolstats, run as an operator runs it -------------------------------
 
     def poolstats(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "manage.py", "poolstats", *args],
-            cwd=TESTPROJECT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
+        result = run_poolstats(self.env, *args)
         self.outputs += [result.stdout, result.stderr]
         return result.stdout
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import django_pooled_pg
 from django_pooled_pg import holders
 from django_pooled_pg.errors import PoolExhausted
-from django_pooled_pg.observability.records import MAX_HOLDERS, OTHER, AliasRecord
+from django_pooled_pg.observability.records import MAX_HOLDERS, OTHER, TALLY_EVERY, AliasRecord
 from django_pooled_pg.observability.report import top_holders
 from tests.conftest import Make
 from tests.helpers import TESTPROJECT, CheckedThread, wait_until, wsgi_get
@@ -121,29 +121,51 @@ def test_a_checkout_made_before_the_view_is_known_is_charged_to_the_view(
     assert checkouts_of("default", "(unresolved request)") == unresolved
 
 
-def test_without_the_middleware_a_request_is_charged_to_the_first_frame_outside_django(
+def test_without_the_middleware_a_request_is_charged_to_unknown(
     transactional_db: None, settings: Any
 ) -> None:
     settings.MIDDLEWARE = []
-    before = checkouts_of("default", "demoapp.views.ping")
+    before = checkouts_of("default", holders.UNKNOWN)
+    by_view = checkouts_of("default", "demoapp.views.ping")
     wsgi_get("/ping/")
-    assert checkouts_of("default", "demoapp.views.ping") == before + 1
+    assert checkouts_of("default", holders.UNKNOWN) == before + 1
+    assert checkouts_of("default", "demoapp.views.ping") == by_view
+
+
+def test_holders_stack_finds_the_view_of_a_request_without_the_middleware(
+    transactional_db: None, settings: Any
+) -> None:
+    settings.MIDDLEWARE = []
+    options = connection.settings_dict["OPTIONS"]
+    saved = options.get("pool")
+    connection.close()
+    # Other options, another pool of the alias (this one, for the test only).
+    options["pool"] = {**(saved if isinstance(saved, dict) else {}), "holders": "stack"}
+    try:
+        before = checkouts_of("default", "demoapp.views.ping")
+        wsgi_get("/ping/")
+        assert django_pooled_pg.stats("default").config.holders == "stack"
+        assert checkouts_of("default", "demoapp.views.ping") == before + 1
+    finally:
+        connection.close()
+        if saved is None:
+            del options["pool"]
+        else:
+            options["pool"] = saved
 
 
 # -- other holders: named blocks, the stack, commands ----------------------------
 
 
-def test_outside_a_request_the_caller_is_found_on_the_stack(make_wrapper: Make) -> None:
-    w = make_wrapper(pool={"max_size": 2})
+def test_holders_stack_finds_the_caller_outside_a_request(make_wrapper: Make) -> None:
+    w = make_wrapper(pool={"max_size": 2, "holders": "stack"})
 
     def export_rows() -> None:
         w.ensure_connection()
         w.close()
 
     export_rows()
-    name = (
-        f"{__name__}.test_outside_a_request_the_caller_is_found_on_the_stack.<locals>.export_rows"
-    )
+    name = f"{__name__}.test_holders_stack_finds_the_caller_outside_a_request.<locals>.export_rows"
     assert checkouts_of(w.alias, name) == 1
 
 
@@ -155,12 +177,12 @@ def test_a_named_block_is_its_own_holder(make_wrapper: Make) -> None:
     assert checkouts_of(w.alias, "nightly export") == 1
 
 
-def test_holders_context_skips_the_stack_walk(make_wrapper: Make) -> None:
-    w = make_wrapper(pool={"max_size": 2, "holders": "context"})
+def test_by_default_a_checkout_without_a_known_holder_is_unknown(make_wrapper: Make) -> None:
+    w = make_wrapper(pool={"max_size": 2})
     w.ensure_connection()
     w.close()
     assert set(held(w.alias)) == {holders.UNKNOWN}
-    assert django_pooled_pg.stats(w.alias).config.holders == "context"
+    assert django_pooled_pg.stats(w.alias).config.holders is True
 
 
 def test_holders_false_charges_nobody(make_wrapper: Make) -> None:
@@ -294,7 +316,8 @@ def test_the_leak_report_names_the_holder(
 def test_a_process_keeps_a_bounded_number_of_holders() -> None:
     record = AliasRecord("bounded")
     for i in range(MAX_HOLDERS + 50):
-        record.held_by(f"module.view_{i}", 0.001)
+        record.held_by(holders.Holder(f"module.view_{i}"), 0.001)
+    record.tally()
     assert len(record.holders) == MAX_HOLDERS
     assert record.holders[OTHER].checkouts == 51  # all past the first MAX_HOLDERS - 1
     assert sum(t.checkouts for t in record.holders.values()) == MAX_HOLDERS + 50
@@ -304,10 +327,25 @@ def test_a_listing_keeps_the_top_holders_and_sums_the_rest() -> None:
     record = AliasRecord("top")
     for i in range(30):
         for _ in range(i + 1):
-            record.held_by(f"view_{i}", 0.01 * (i + 1))
+            record.held_by(holders.Holder(f"view_{i}"), 0.01 * (i + 1))
     listed = top_holders(record.snapshot(None, record_config()).holders, "checkouts", 5)
     assert [h.holder for h in listed] == [f"view_{i}" for i in (29, 28, 27, 26, 25)] + [OTHER]
     assert listed[-1].checkouts == sum(range(1, 26))
+
+
+def test_returned_holds_are_tallied_in_batches_and_at_every_snapshot() -> None:
+    record = AliasRecord("batched")
+    cell = holders.Holder("(unresolved request)")
+    record.held_by(cell, 0.5)
+    cell.name = "shop.views.cart"  # named after the early checkout came back
+    assert record.holders == {}  # a return only appends
+    stats = record.snapshot(None, record_config())
+    assert [(h.holder, h.checkouts, h.hold.sum) for h in stats.holders] == [
+        ("shop.views.cart", 1, 0.5)
+    ]
+    for _ in range(TALLY_EVERY):
+        record.held_by(cell, 0.001)
+    assert record.holders["shop.views.cart"].checkouts == 1 + TALLY_EVERY  # no snapshot needed
 
 
 def record_config() -> Any:
@@ -319,11 +357,16 @@ def record_config() -> Any:
 def test_poolstats_holders_as_table_json_and_prometheus(transactional_db: None) -> None:
     for _ in range(2):
         wsgi_get("/hit/")
+    connection.ensure_connection()  # outside a request: (unknown)
+    connection.close()
     out = StringIO()
     call_command("poolstats", "--holders", "--local", "--database", "default", stdout=out)
     table = out.getvalue()
     assert "holder" in table and "wait caused" in table
     assert any(line.strip().startswith("demoapp.views.hit ") for line in table.splitlines())
+    # It says what (unknown) is and how to name it.
+    assert "(unknown): checkouts outside a request" in table, table
+    assert "holders='stack' names their callers" in table
 
     out = StringIO()
     call_command(
@@ -367,6 +410,6 @@ def test_the_holders_option_is_validated(make_wrapper: Make) -> None:
 
     w = make_wrapper(pool={"holders": "yes"})
     with pytest.raises(
-        ImproperlyConfigured, match=r"\['holders'\] is 'yes'.*True, 'context' or False"
+        ImproperlyConfigured, match=r"\['holders'\] is 'yes'.*True, 'stack' or False"
     ):
         w.ensure_connection()

@@ -38,7 +38,7 @@ import pytest
 from django.db import connection
 
 from dpp_devtools.servers import free_port, project_dir, start_server, wait_serving
-from tests.helpers import TESTPROJECT, children, wait_until
+from tests.helpers import children, run_poolstats, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -100,16 +100,7 @@ class Served:
     def poolstats(self) -> dict[int, dict[str, Any]]:
         """``manage.py poolstats --json`` from a separate process: ALIAS's
         processes (all on this host), by pid."""
-        result = subprocess.run(
-            [sys.executable, "manage.py", "poolstats", "--json", "--database", ALIAS],
-            cwd=TESTPROJECT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        doc = json.loads(result.stdout)
+        doc = json.loads(run_poolstats(self.env, "--json", "--database", ALIAS).stdout)
         assert doc["transport"]["shared"], doc["transport"]
         return {p["pid"]: p for p in doc["aliases"][ALIAS]["processes"]}
 

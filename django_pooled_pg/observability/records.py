@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 #: Upper bounds (seconds) of the histogram buckets, shared by every
 #: distribution and by the Prometheus histograms; the last bucket is +Inf.
@@ -32,6 +34,14 @@ BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
+
+
+class Named(Protocol):
+    """A holder as the pool passes it (holders.Holder): its name is read when tallied."""
+
+    @property
+    def name(self) -> str: ...
+
 
 #: Why a pool closed or dropped a connection.
 CLOSE_REASONS: tuple[str, ...] = (
@@ -263,7 +273,7 @@ class Recorder:
     def returned(self, held: float) -> None:
         """A connection came back after *held* seconds out."""
 
-    def held_by(self, holder: str, held: float) -> None:
+    def held_by(self, holder: Named, held: float) -> None:
         """*holder* (pool option ``holders``) held a connection for *held* seconds."""
 
     def caused_wait(self, holder: str, seconds: float) -> None:
@@ -307,6 +317,8 @@ class AliasRecord(Recorder):
         "connect",
         "holders",
         "since",
+        "_held",
+        "_tally_lock",
     )
 
     def __init__(self, alias: str) -> None:
@@ -317,8 +329,13 @@ class AliasRecord(Recorder):
         self.wait = Histogram()
         self.hold = Histogram()
         self.connect = Histogram()
+        #: Per holder name; read through snapshot(), which tallies _held first.
         self.holders: dict[str, HolderTally] = {}
         self.since = time.time()
+        # Holds returned, not yet tallied: (holder, seconds). A return only
+        # appends (thread-safe, no lookup); the tally is made in batches.
+        self._held: deque[tuple[Named, float]] = deque()
+        self._tally_lock = threading.Lock()
 
     def checked_out(self, waited: float) -> None:
         self.counters.checkouts += 1
@@ -339,12 +356,30 @@ class AliasRecord(Recorder):
     def returned(self, held: float) -> None:
         self.hold.observe(held)
 
-    def held_by(self, holder: str, held: float) -> None:
-        tally = self.holders.get(holder)
-        if tally is None:
-            tally = self._new_holder(holder)
-        tally.checkouts += 1
-        tally.hold.observe(held)
+    def held_by(self, holder: Named, held: float) -> None:
+        held_ = self._held
+        held_.append((holder, held))
+        if len(held_) >= TALLY_EVERY:
+            self.tally()
+
+    def tally(self) -> None:
+        """Charge the holds returned since the last tally to their holders.
+
+        By name now, not at return: a request's holder is named once its
+        view is known, which may be after an early checkout came back.
+        """
+        held_ = self._held
+        with self._tally_lock:
+            while True:
+                try:
+                    holder, held = held_.popleft()
+                except IndexError:
+                    return
+                tally = self.holders.get(holder.name)
+                if tally is None:
+                    tally = self._new_holder(holder.name)
+                tally.checkouts += 1
+                tally.hold.observe(held)
 
     def caused_wait(self, holder: str, seconds: float) -> None:
         tally = self.holders.get(holder)
@@ -393,6 +428,7 @@ class AliasRecord(Recorder):
         """The record as PoolStats; *live* None: no open pool in this process."""
         if live is None:
             live = LiveState(False, 0, 0, 0, 0, 0.0, 0.0, 0.0, "")
+        self.tally()
         return PoolStats(
             alias=self.alias,
             host=HOSTNAME,
@@ -416,6 +452,8 @@ class AliasRecord(Recorder):
 
 #: Distinct holders one process keeps per alias; the rest are summed as OTHER.
 MAX_HOLDERS = 200
+#: Returned holds kept before they are tallied (also at every snapshot).
+TALLY_EVERY = 1024
 #: The holder of the checkouts past MAX_HOLDERS (and past a listing's --top).
 OTHER = "(other)"
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..holders import UNKNOWN
 from .activity import ServerView, read_server_view
 from .api import snapshot
 from .pooler import PoolerView, read_pooler_view
@@ -531,6 +532,11 @@ def render_holders_table(report: Report, sort: str = "hold", top: int = 20) -> s
                 ]
             )
         lines.extend(_grid(rows, ["<", ">", ">", ">", ">", ">", ">", ">"]))
+        if any(h.holder == UNKNOWN for h in tot.holders) and a.config.holders is True:
+            lines.append(
+                f"  {UNKNOWN}: checkouts outside a request (with HolderMiddleware), a Celery "
+                "task, a command or holding(); holders='stack' names their callers."
+            )
     return "\n".join(lines) + "\n"
 
 
