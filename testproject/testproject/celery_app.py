@@ -1,6 +1,7 @@
 """Celery app of the test project: ``celery -A testproject.celery_app worker``.
 
-No broker service: kombu's filesystem transport carries the messages and
+No broker service: kombu's filesystem transport (celery_transport.py mends
+a race in it that loses messages) carries the messages and
 Celery's file result backend keeps the results, both under the directory in
 CELERY_DATA_DIR (tests/test_celery_asgi.py gives each worker its own).
 
@@ -26,6 +27,8 @@ def settings_for(data_dir: Path) -> dict[str, Any]:
         (data_dir / sub).mkdir(exist_ok=True)
     return {
         "broker_url": "filesystem://",
+        # kombu's, writing each message whole before it appears (see there).
+        "broker_transport": "testproject.celery_transport:Transport",
         "broker_transport_options": {
             # One folder both ways: producers and the worker share the queue.
             "data_folder_in": str(data_dir / "queue"),
