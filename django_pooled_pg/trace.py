@@ -2,8 +2,9 @@
 
 A ``Trace`` is set in a context variable for the length of a request the
 panel watches; the pool asks for it at each checkout once a trace was ever
-started in the process (a module flag read otherwise) and hands the checkout's ``Entry`` to the connection,
-which fills in its hold and reset when it comes back, after the response.
+started in the process (until then it reads a module flag only) and hands
+the checkout's ``Entry`` to the connection, which fills in its hold and
+reset when it comes back, after the response.
 """
 
 from __future__ import annotations
