@@ -479,7 +479,7 @@ def worker_holders(args: dict[str, Any]) -> dict[str, Any]:
         # entered there once, as a request's is before its checkouts (what
         # entering costs, once per request, is measured alone below).
         context = contextvars.copy_context()
-        if aliases[alias].endswith("known"):
+        if "view known" in aliases[alias]:
             context.run(holders.enter, "bench.view")
         return lambda: context.run(run)
 
