@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/compare.py --before d6f0809            # HEAD's tree vs d6f0809
     .venv/bin/python bench/compare.py --before d6f0809 --rounds 9
+    .venv/bin/python bench/compare.py --before d6f0809 --in-process   # both in one process
 
 The revision is checked out in a temporary git worktree; each measurement
 is bench/suite.py's own "cycle" worker (a fresh process, one alias), run
@@ -11,6 +12,15 @@ with that worktree's ``django_pooled_pg`` first on ``PYTHONPATH`` for
 same code. Strategies and cases are interleaved, the starting point
 rotated, rounds repeated; the table gives medians and after/before ratios,
 with persistent connections and Django's pool as references.
+
+Processes differ in speed by several percent on a noisy machine, more than
+a small change costs. ``--in-process`` loads both trees into each process
+(the revision's package under another name: its imports are relative) and
+alternates batches of their aliases there, as bench/suite.py's
+"interleaved" does: a request cycle (request signals, SELECT 1) and a bare
+checkout and return (``cursor()`` then ``close()``), each on the defaults
+and with ``reset_session=False``. The table gives medians over the
+processes of each one's own after/before ratio.
 """
 
 from __future__ import annotations
@@ -79,6 +89,96 @@ def imported_from(tree: Path) -> str:
         return run_with(tree, probe.name).stdout.strip()
 
 
+#: The before tree's package is imported under this name (--in-process).
+BEFORE_PACKAGE = "dpp_before"
+
+IN_PROCESS = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from suite import alternate, database, throwaway
+from django.conf import settings
+server = throwaway.database_settings()
+dbs = {}
+for side, engine in (("before", sys.argv[3]), ("after", "django_pooled_pg")):
+    for case, pool in (("defaults", None), ("reset_session=False", {"reset_session": False})):
+        db = database("ours (defaults)", server, min_size=1, max_size=1, pool=pool)
+        db["ENGINE"] = engine
+        dbs[(side, case)] = db
+aliases = {f"a{i}": key for i, key in enumerate(dbs)}
+settings.configure(
+    DATABASES={"default": dbs[("after", "defaults")], **{a: dbs[k] for a, k in aliases.items()}},
+    USE_TZ=True, TIME_ZONE="UTC", INSTALLED_APPS=[],
+)
+import django
+django.setup()
+from django.core.signals import request_finished, request_started
+from django.db import connections
+for a, (side, _) in aliases.items():
+    engine = type(connections[a]).__module__.partition(".")[0]
+    assert engine == dbs[aliases[a]]["ENGINE"], (a, engine)
+def request(c):
+    def run():
+        request_started.send(sender=None)
+        try:
+            with c.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+        finally:
+            request_finished.send(sender=None)
+    return run
+def checkout(c):
+    def run():
+        c.cursor().close()
+        c.close()
+    return run
+out = {}
+for what, make in (("request", request), ("checkout", checkout)):
+    times = alternate({a: make(connections[a]) for a in aliases}, {"rounds": int(sys.argv[4])})
+    for a, us in times.items():
+        side, case = aliases[a]
+        out[f"{what}|{case}|{side}"] = us
+print(json.dumps(out))
+"""
+
+
+def in_process(before: Path, rounds: int) -> None:
+    """Both trees in each process; medians of the processes' own ratios."""
+    with tempfile.TemporaryDirectory(prefix="dpp-alias-") as alias_dir:
+        # The revision's package under another name, so both import side by side.
+        (Path(alias_dir) / BEFORE_PACKAGE).symlink_to(before / "django_pooled_pg")
+        runs = []
+        for _ in range(rounds):
+            proc = subprocess.run(
+                [sys.executable, "-c", IN_PROCESS, alias_dir, str(SUITE.parent), BEFORE_PACKAGE,
+                 "40"],
+                capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = []
+    for what, label in (("request", "request cycle (signals, SELECT 1)"),
+                        ("checkout", "checkout + return (cursor(), close())")):  # fmt: skip
+        for case in ("defaults", "reset_session=False"):
+            before_us = statistics.median(r[f"{what}|{case}|before"] for r in runs)
+            after_us = statistics.median(r[f"{what}|{case}|after"] for r in runs)
+            ratios = sorted(r[f"{what}|{case}|before"] / r[f"{what}|{case}|after"] for r in runs)
+            diffs = [r[f"{what}|{case}|after"] - r[f"{what}|{case}|before"] for r in runs]
+            rows.append(
+                [label, case, f"{before_us:.1f}", f"{after_us:.1f}",
+                 f"{statistics.median(diffs):+.2f}", f"{statistics.median(ratios):.3f}",
+                 f"{ratios[0]:.3f} .. {ratios[-1]:.3f}"]
+            )  # fmt: skip
+    print(f"\nin one process, alternating batches; medians of {rounds} processes\n")
+    print(
+        md(
+            ["what", "case", "us before", "us after", "us after - before (median)",
+             "speed after / before (median)", "per process"],
+            rows,
+        )
+    )  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,6 +186,9 @@ def main() -> int:
     parser.add_argument("--before", required=True, help="a git revision")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=6000, help="per run, split among threads")
+    parser.add_argument(
+        "--in-process", action="store_true", help="both trees in each process (see above)"
+    )
     args = parser.parse_args()
     throwaway.database_settings()  # a server for the workers if none is set
     with tempfile.TemporaryDirectory(prefix="dpp-before-") as tmp:
@@ -101,6 +204,9 @@ def main() -> int:
                 where = imported_from(tree)
                 assert where == str(tree / "django_pooled_pg"), (name, where)
             print(f"before: {args.before} ({before}); after: the working tree ({ROOT})")
+            if args.in_process:
+                in_process(before, args.rounds)
+                return 0
             for threads, size in CASES:
                 runs: dict[tuple[str, str | None], list[float]] = {r: [] for r in RUNS}
                 for r in range(args.rounds):

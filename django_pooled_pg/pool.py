@@ -190,7 +190,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
                     return conn
         finally:
             del waits[ident]
-            if (queued := self._queued.pop(ident, None)) is not None and self._holders:
+            # Empty but for checkouts that queued: no lookup on the usual path.
+            # (Popped whatever the holders option: it must not grow.)
+            queued = self._queued.pop(ident, None) if self._queued else None
+            if queued is not None and self._holders:
                 self._charge_wait(queued, conn)
 
     def _swap(self, conn: PooledConnection) -> PooledConnection | None:
