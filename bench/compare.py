@@ -95,7 +95,7 @@ BEFORE_PACKAGE = "dpp_before"
 IN_PROCESS = """
 import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from suite import alternate, database, throwaway
+from suite import alternate, database, request_on, throwaway
 from django.conf import settings
 server = throwaway.database_settings()
 dbs = {}
@@ -111,28 +111,17 @@ settings.configure(
 )
 import django
 django.setup()
-from django.core.signals import request_finished, request_started
 from django.db import connections
 for a, (side, _) in aliases.items():
     engine = type(connections[a]).__module__.partition(".")[0]
     assert engine == dbs[aliases[a]]["ENGINE"], (a, engine)
-def request(c):
-    def run():
-        request_started.send(sender=None)
-        try:
-            with c.cursor() as cursor:
-                cursor.execute("SELECT 1")
-                cursor.fetchone()
-        finally:
-            request_finished.send(sender=None)
-    return run
 def checkout(c):
     def run():
         c.cursor().close()
         c.close()
     return run
 out = {}
-for what, make in (("request", request), ("checkout", checkout)):
+for what, make in (("request", request_on), ("checkout", checkout)):
     times = alternate({a: make(connections[a]) for a in aliases}, {"rounds": int(sys.argv[4])})
     for a, us in times.items():
         side, case = aliases[a]

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,23 @@ def request(hold: float = 0.0, timed: list[float] | None = None, change: bool = 
             time.sleep(hold)
     finally:
         request_finished.send(sender=None)
+
+
+def request_on(c: Any) -> Callable[[], None]:
+    """One request on the connection wrapper *c* (request signals around a
+    SELECT 1), for scenarios that alternate aliases in one process."""
+    from django.core.signals import request_finished, request_started
+
+    def run() -> None:
+        request_started.send(sender=None)
+        try:
+            with c.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+        finally:
+            request_finished.send(sender=None)
+
+    return run
 
 
 def run_threads(threads: int, body: Any) -> float:
@@ -485,26 +503,10 @@ def worker_holders(args: dict[str, Any]) -> dict[str, Any]:
 
     out = alternate({aliases[a]: cycle(a) for a in aliases}, args)
 
-    # A whole request's worth (request signals, a query, the return), for
-    # the settings as a request without a known holder meets them.
-    from django.core.signals import request_finished, request_started
-
-    def request(alias: str) -> Any:
-        c = connections[alias]
-
-        def run() -> None:
-            request_started.send(sender=None)
-            try:
-                with c.cursor() as cursor:
-                    cursor.execute("SELECT 1")
-                    cursor.fetchone()
-            finally:
-                request_finished.send(sender=None)
-
-        return run
-
+    # A whole request's worth, for the settings as a request without a
+    # known holder meets them.
     unnamed = [a for a, n in aliases.items() if "view known" not in n]
-    per_request = alternate({aliases[a]: request(a) for a in unnamed}, args)
+    per_request = alternate({aliases[a]: request_on(connections[a]) for a in unnamed}, args)
     out.update({f"request: {n}": us for n, us in per_request.items()})
     # The parts alone: entering a holder cell (per request, not per
     # checkout), and what a checkout asks when a cell is set.
