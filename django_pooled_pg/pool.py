@@ -703,6 +703,10 @@ class DjangoPool(ConnectionPool[PooledConnection]):
 
     def _first_connection(self, conn: PooledConnection) -> None:
         for hook in list(FIRST_CONNECTION_HOOKS):
+            if self._closed:
+                # Closed meanwhile (at exit, the interpreter may be past
+                # starting threads): nobody is left to advise.
+                return
             try:
                 hook(self, conn)
             except Exception:

@@ -110,3 +110,57 @@ def test_close_pool_closes_its_sessions_and_a_new_pool_follows(make_wrapper: Mak
         cursor.execute("SELECT 1")
     assert wrapper.pool is not pool and not wrapper.pool.closed
     assert backend_pids(admin, wrapper.settings_dict["NAME"])
+
+
+LATE_HOOK_CHILD = """
+import sys, threading, time
+import django
+django.setup()
+from django.db import connections
+from django_pooled_pg import pool
+
+entered = threading.Event()
+
+def slow(p, conn):  # a first connection still being set up when the process exits
+    entered.set()
+    time.sleep(0.5)
+
+def later(p, conn):
+    print("a first-connection hook ran on a closed pool", file=sys.stderr, flush=True)
+
+pool.FIRST_CONNECTION_HOOKS[:0] = [slow]
+pool.FIRST_CONNECTION_HOOKS.append(later)
+
+def work():
+    try:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception:
+        pass  # the pool closed at exit under it
+
+threading.Thread(target=work, daemon=True).start()
+assert entered.wait(10)
+print("MARK", time.time(), flush=True)
+"""
+
+
+def test_a_first_connection_set_up_during_exit_runs_no_more_hooks(transactional_db: None) -> None:
+    # The sizing check (a first-connection hook) starts a thread: run once the
+    # pool closed at exit, Python 3.12+ refused it and the exit logged an error.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTPROJECT),
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "PGDATABASE": connection.settings_dict["NAME"],
+    }
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-c", LATE_HOOK_CHILD],
+        cwd=TESTPROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.startswith("MARK"), (proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""

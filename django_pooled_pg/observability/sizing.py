@@ -261,12 +261,17 @@ def check_at_first_connection(pool: DjangoPool, conn: PooledConnection) -> None:
         # Reading it from here could wait on this very pool: only this process.
         _warn_if_over(pool, 1, "process (the stats cache is a database)", limit, row)
     else:
-        threading.Thread(
-            target=_count_then_warn,
-            args=(pool, limit, row),
-            name="django_pooled_pg-limit-check",
-            daemon=True,
-        ).start()
+        try:
+            threading.Thread(
+                target=_count_then_warn,
+                args=(pool, limit, row),
+                name="django_pooled_pg-limit-check",
+                daemon=True,
+            ).start()
+        except RuntimeError:
+            # The interpreter is exiting (3.12+ refuses new threads then): a
+            # first connection made that late has nobody to warn.
+            return
 
 
 def _count_then_warn(pool: DjangoPool, limit: int, row: tuple[int, int, int]) -> None:
