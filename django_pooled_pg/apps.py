@@ -40,9 +40,10 @@ class PooledPgConfig(AppConfig):
             _charge_celery_tasks()
         # One warning at a pool's first connection if the deployment's pools
         # together can exceed the server's max_connections.
-        from .observability.sizing import check_at_first_connection
+        from .observability.sizing import check_at_first_connection, prepare
         from .pool import FIRST_CONNECTION_HOOKS
 
+        prepare()
         if check_at_first_connection not in FIRST_CONNECTION_HOOKS:
             FIRST_CONNECTION_HOOKS.append(check_at_first_connection)
         # OpenTelemetry: opt in (POOLED_PG_OPENTELEMETRY = True), [otel] extra.

@@ -221,6 +221,21 @@ SELECT current_setting('max_connections')::int,
 """
 
 
+#: Whether the stats cache is a database cache: found when the app loads
+#: (prepare()), not in the hook, where importing could race a request
+#: thread's import of the same module while it holds the first connection.
+_stats_cache_is_database: bool | None = None
+
+
+def prepare() -> None:
+    """At app load, in the main thread: what the hook must not import later."""
+    global _stats_cache_is_database
+    try:
+        _stats_cache_is_database = _stats_in_database()
+    except Exception:  # a bad POOLED_PG_STATS: the system check names it
+        _stats_cache_is_database = None
+
+
 def _stats_in_database() -> bool:
     from django.conf import settings
     from django.core.cache.backends.db import DatabaseCache
@@ -257,7 +272,7 @@ def check_at_first_connection(pool: DjangoPool, conn: PooledConnection) -> None:
     limit = max_connections - superuser - reserved
     if configured is not None:
         _warn_if_over(pool, int(configured), "POOLED_PG_PROCESSES", limit, row)
-    elif _stats_in_database():
+    elif _stats_cache_is_database if _stats_cache_is_database is not None else _stats_in_database():
         # Reading it from here could wait on this very pool: only this process.
         _warn_if_over(pool, 1, "process (the stats cache is a database)", limit, row)
     else:
