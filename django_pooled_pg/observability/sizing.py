@@ -272,8 +272,9 @@ def check_at_first_connection(pool: DjangoPool, conn: PooledConnection) -> None:
     limit = max_connections - superuser - reserved
     if configured is not None:
         _warn_if_over(pool, int(configured), "POOLED_PG_PROCESSES", limit, row)
-    elif _stats_cache_is_database if _stats_cache_is_database is not None else _stats_in_database():
-        # Reading it from here could wait on this very pool: only this process.
+    elif _stats_cache_is_database is not False:
+        # Reading it from here could wait on this very pool: only this process
+        # (also when prepare() could not tell: nothing is imported here).
         _warn_if_over(pool, 1, "process (the stats cache is a database)", limit, row)
     else:
         try:
